@@ -1,0 +1,148 @@
+"""Hyperparameters: one dataclass per group, and the job that holds them all.
+
+Each field carries its help text (and, for named choices, the registry it must be a
+key of). The Click options in `prunetrack.cli` and the MLflow params are generated
+from these fields, so a new hyperparameter is added here and nowhere else (plus its
+line in MLproject, which a test keeps in step).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _f(default, help: str, choices: str | None = None, minimum: float | None = None, mlproject: bool = True):
+    """A field with its help text, the registry that lists its valid values (by name,
+    resolved lazily to avoid import cycles), its smallest allowed value, and whether
+    MLproject exposes it as a parameter."""
+    return field(default=default, metadata={"help": help, "choices": choices, "min": minimum,
+                                            "mlproject": mlproject})
+
+
+@dataclass
+class DataConfig:
+    dataset: str = _f("cifar10", "Dataset.", choices="datasets")
+    data_dir: str = _f("data", "Directory holding the dataset (cifar-10-batches-py/ or cifar-100-python/).")
+    download: bool = _f(True, "Download the dataset (checksum verified) when it is absent.")
+    train_subset: int = _f(0, "Use only this many training examples (0: all).", minimum=0)
+    test_subset: int = _f(0, "Use only this many test examples (0: all).", minimum=0)
+
+
+@dataclass
+class ModelConfig:
+    model: str = _f("vgg16", "Model architecture.", choices="models")
+
+
+@dataclass
+class PruneConfig:
+    pruner: str = _f("rand", "Pruning method.", choices="pruners")
+    compression: float = _f(10.0, "Compression ratio: prunable weights before / after (1 keeps all).",
+                            minimum=1.0)
+    scope: str = _f("global", "Rank scores across all layers (global) or within each layer (local).",
+                    choices="scopes")
+    iterations: int = _f(0, "Prune-score rounds (0: the pruner's default, 100 for synflow, 1 otherwise).",
+                         minimum=0)
+    schedule: str = _f("exponential", "How density falls over the rounds.", choices="schedules")
+    prune_per_class: int = _f(10, "Pruning data: examples per class.", minimum=1)
+    prune_batch_size: int = _f(256, "Batch size while scoring.", minimum=1)
+    shuffle: bool = _f(False, "Ablation: shuffle each layer's mask after pruning.")
+    reinit: bool = _f(False, "Ablation: re-initialize the weights after pruning.")
+    invert: bool = _f(False, "Ablation: invert the scores (keep the lowest).")
+
+
+@dataclass
+class TrainConfig:
+    optimizer: str = _f("adam", "Optimizer.", choices="optimizers")
+    lr: float = _f(1e-3, "Learning rate.", minimum=0.0)
+    weight_decay: float = _f(0.0, "Weight decay.", minimum=0.0)
+    lr_drops: str = _f("", "Comma-separated epochs at which the lr is multiplied by lr_drop_rate.")
+    lr_drop_rate: float = _f(0.1, "Factor applied at each lr drop.", minimum=0.0)
+    batch_size: int = _f(256, "Training batch size.", minimum=1)
+    test_batch_size: int = _f(256, "Evaluation batch size.", minimum=1)
+    pre_epochs: int = _f(0, "Epochs of training before pruning.", minimum=0)
+    post_epochs: int = _f(10, "Epochs of training after pruning.", minimum=1)
+
+    def lr_drop_epochs(self) -> list[int]:
+        try:
+            epochs = sorted(int(e) for e in self.lr_drops.replace(" ", "").split(",") if e)
+        except ValueError:
+            raise ValueError(f"lr_drops must be comma-separated epoch numbers such as '80,120', "
+                             f"got {self.lr_drops!r}") from None
+        if any(e < 1 for e in epochs):
+            raise ValueError(f"lr_drops epochs must be >= 1, got {self.lr_drops!r}")
+        return epochs
+
+
+@dataclass
+class RunConfig:
+    seed: int = _f(0, "Seed for weights, data order, augmentation and pruning.")
+    device: str = _f("auto", "Device: auto (cuda when present), cpu, cuda or cuda:N.")
+    experiment: str = _f("prunetrack", "MLflow experiment (ignored under `mlflow run`, which sets its own).",
+                         mlproject=False)
+    run_name: str = _f("", "MLflow run name (default: model-pruner-compression).", mlproject=False)
+
+
+@dataclass
+class JobConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    @classmethod
+    def from_flat(cls, values: dict[str, Any]) -> "JobConfig":
+        """Build from a flat {field: value} dict (Click options, MLflow params)."""
+        groups = {}
+        for name, group in GROUPS.items():
+            names = {f.name for f in dataclasses.fields(group)}
+            groups[name] = group(**{k: v for k, v in values.items() if k in names})
+        unknown = set(values) - {f.name for f in fields()}
+        if unknown:
+            raise ValueError(f"unknown configuration keys: {', '.join(sorted(unknown))}")
+        return cls(**groups)
+
+    def flat(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name in GROUPS:
+            out.update(dataclasses.asdict(getattr(self, name)))
+        return out
+
+    def validate(self) -> "JobConfig":
+        """Raise ValueError naming the bad field, its value and what is accepted."""
+        for name, group in GROUPS.items():
+            obj = getattr(self, name)
+            for f in dataclasses.fields(group):
+                value, meta = getattr(obj, f.name), f.metadata
+                if meta.get("choices"):
+                    valid = choices(meta["choices"])
+                    if value not in valid:
+                        raise ValueError(f"unknown {f.name} {value!r}; choose one of: {', '.join(valid)}")
+                if meta.get("min") is not None and value < meta["min"]:
+                    raise ValueError(f"{f.name} must be >= {meta['min']:g}, got {value!r}")
+        self.train.lr_drop_epochs()
+        return self
+
+
+GROUPS = {"data": DataConfig, "model": ModelConfig, "prune": PruneConfig, "train": TrainConfig,
+          "run": RunConfig}
+
+
+def fields() -> list[dataclasses.Field]:
+    """Every hyperparameter field, in group order."""
+    return [f for group in GROUPS.values() for f in dataclasses.fields(group)]
+
+
+def choices(registry: str) -> list[str]:
+    """The valid names for a registry-backed field."""
+    from prunetrack import data, models, pruning, training
+
+    return list({
+        "datasets": data.DATASETS,
+        "models": models.MODELS,
+        "pruners": pruning.PRUNERS,
+        "scopes": pruning.SCOPES,
+        "schedules": pruning.SCHEDULES,
+        "optimizers": training.OPTIMIZERS,
+    }[registry])

@@ -1,0 +1,106 @@
+"""Optimizers, the learning-rate schedule, and the train / evaluate loops."""
+from __future__ import annotations
+
+import sys
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prunetrack import masking
+
+# The registry of named choices: name -> optimizer(params, lr, weight_decay).
+OPTIMIZERS: dict[str, Callable] = {
+    "adam": lambda params, lr, wd: torch.optim.Adam(params, lr=lr, weight_decay=wd),
+    "sgd": lambda params, lr, wd: torch.optim.SGD(params, lr=lr, weight_decay=wd),
+    "momentum": lambda params, lr, wd: torch.optim.SGD(params, lr=lr, weight_decay=wd, momentum=0.9,
+                                                       nesterov=True),
+    "rms": lambda params, lr, wd: torch.optim.RMSprop(params, lr=lr, weight_decay=wd),
+}
+
+
+def make_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float, lr_drops: list[int],
+                   lr_drop_rate: float):
+    """A fresh optimizer and its schedule (stepped once per epoch)."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of: {', '.join(OPTIMIZERS)}")
+    opt = OPTIMIZERS[name](model.parameters(), lr, weight_decay)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=lr_drops, gamma=lr_drop_rate)
+    return opt, sched
+
+
+def train_epoch(model: nn.Module, batches, opt, progress: Callable[[int, int], None] | None = None) -> float:
+    """One pass over `batches`; pruned weights are re-zeroed after every step.
+    Returns the mean training loss. The loss is summed on the device and read once
+    at the end, so the loop never waits for the device."""
+    model.train()
+    total = torch.zeros((), device=next(model.parameters()).device)
+    seen = 0
+    for i, (x, y) in enumerate(batches):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        masking.apply_masks(model)
+        total += loss.detach() * len(y)
+        seen += len(y)
+        if progress:
+            progress(i + 1, seen)
+    return float(total) / max(seen, 1)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches) -> dict[str, float]:
+    """Mean loss, top-1 and top-5 accuracy (in percent) over `batches`."""
+    model.eval()
+    device = next(model.parameters()).device
+    loss = torch.zeros((), device=device, dtype=torch.float64)
+    top1 = torch.zeros((), device=device, dtype=torch.long)
+    top5 = torch.zeros((), device=device, dtype=torch.long)
+    n = 0
+    for x, y in batches:
+        out = model(x)
+        loss += F.cross_entropy(out.float(), y, reduction="sum").double()
+        best = out.topk(min(5, out.shape[1]), dim=1).indices
+        hits = best == y[:, None]
+        top1 += hits[:, 0].sum()
+        top5 += hits.any(dim=1).sum()
+        n += len(y)
+    return {"loss": float(loss) / n, "top1": 100.0 * int(top1) / n, "top5": 100.0 * int(top5) / n}
+
+
+class Progress:
+    """Prints a line at most every `every` seconds while an epoch runs: where it is,
+    throughput and an estimate of the time left in the epoch."""
+
+    def __init__(self, label: str, total_batches: int, every: float = 10.0, stream=sys.stderr):
+        self.label, self.total, self.every, self.stream = label, total_batches, every, stream
+        self.start = self.last = time.perf_counter()
+
+    def __call__(self, done: int, seen: int) -> None:
+        now = time.perf_counter()
+        if now - self.last < self.every or done == self.total:
+            return
+        self.last = now
+        rate = seen / (now - self.start)
+        left = (now - self.start) / done * (self.total - done)
+        print(f"  {self.label}: batch {done}/{self.total}, {rate:.0f} img/s, ~{left:.0f}s left in epoch",
+              file=self.stream, flush=True)
+
+
+def fit(model: nn.Module, train_batches, test_batches, epochs: int, opt, sched,
+        on_epoch: Callable[[int, dict], None], label: str = "train") -> None:
+    """Train for `epochs`, evaluating after each; `on_epoch(epoch, metrics)` logs."""
+    for epoch in range(1, epochs + 1):
+        start = time.perf_counter()
+        train_loss = train_epoch(model, train_batches, opt, Progress(f"{label} epoch {epoch}", len(train_batches)))
+        sched.step()
+        seconds = time.perf_counter() - start
+        ev = evaluate(model, test_batches)
+        metrics = {"train_loss": train_loss, "test_loss": ev["loss"], "test_top1": ev["top1"],
+                   "test_top5": ev["top5"], "epoch_time": seconds}
+        print(f"{label} epoch {epoch}/{epochs}: train loss {train_loss:.4f}, test loss {ev['loss']:.4f}, "
+              f"top-1 {ev['top1']:.2f}%, top-5 {ev['top5']:.2f}% ({seconds:.1f}s)", flush=True)
+        on_epoch(epoch, metrics)
