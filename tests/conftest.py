@@ -1,0 +1,95 @@
+"""Shared fixtures: a fresh MLflow store per test, a real `mlflow server` on loopback,
+and small CPU settings so the suite runs in minutes on two cores."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
+
+# A job small enough for seconds on a CPU: synthetic data, a tiny ResNet.
+SMOKE = dict(dataset="synthetic", model="resnet20", post_epochs=1, batch_size=128, test_batch_size=128,
+             device="cpu")
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch):
+    """An embedded SQLite tracking store (artifacts under tmp_path/mlruns), used through
+    MLFLOW_TRACKING_URI exactly as a user would point prunetrack at a store."""
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    while mlflow.active_run():
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` (SQLite backend, proxied artifact store) on 127.0.0.1.
+    Yields its URL; stopped at the end of the session."""
+    root = tmp_path_factory.mktemp("server")
+    port = _free_port()
+    mlflow_bin = shutil.which("mlflow", path=os.path.dirname(sys.executable)) or "mlflow"
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen(
+        [mlflow_bin, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root}/server.db", "--artifacts-destination", str(root / "artifacts")],
+        stdout=log, stderr=subprocess.STDOUT, cwd=root)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        raise RuntimeError("mlflow server did not answer within 120 s")
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+@pytest.fixture
+def cifar10_dir(tmp_path_factory):
+    """The shared offline CIFAR-10 copy, materialized (a small subset) in the official
+    layout; the test is skipped where the shared copy is absent."""
+    script = os.path.join(SHARED_DATA, "cifar10_jpeg.py")
+    if not os.path.exists(script):
+        pytest.skip("shared CIFAR-10 copy not available")
+    dest = tmp_path_factory.mktemp("cifar")
+    subprocess.run([sys.executable, script, "materialize", str(dest), "--train", "2000", "--test", "500"],
+                   check=True, capture_output=True)
+    return str(dest)
