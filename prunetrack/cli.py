@@ -49,11 +49,12 @@ def prune(**values):
     Example (a CPU smoke run in about a minute):
       prunetrack prune --dataset synthetic --model resnet20 --pruner mag --compression 10 --post-epochs 2
     """
-    from prunetrack.job import run_job
+    from prunetrack.job import resolve_device, run_job
 
     try:
         cfg = config.JobConfig.from_flat(values)
         cfg.validate()
+        resolve_device(cfg.run.device)
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
     run_job(cfg)

@@ -32,13 +32,19 @@ def mlflow_store(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    for var in _MLFLOW_RUN_CONTEXT:
+        monkeypatch.delenv(var, raising=False)
     mlflow.set_tracking_uri(uri)
     yield uri
     while mlflow.active_run():
         mlflow.end_run()
     mlflow.set_tracking_uri(None)
+    # mlflow.set_experiment exports the experiment id for child processes: do not leak it.
+    for var in _MLFLOW_RUN_CONTEXT:
+        os.environ.pop(var, None)
+
+
+_MLFLOW_RUN_CONTEXT = ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID")
 
 
 def _free_port() -> int:
