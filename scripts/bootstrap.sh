@@ -9,7 +9,6 @@ PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
-.venv/bin/pip install --quiet --upgrade pip
 .venv/bin/pip install --quiet -c constraints.txt -e ".[test]"
 
 OFFLINE_COPY=../shared/data/cifar10_jpeg.py
