@@ -6,9 +6,10 @@ with papers that count either. FLOPs are counted by `torch.utils.flop_counter`
 (`FlopCounterMode`) on one image, for the dense network: its registry prices
 convolutions and matrix products (conv, mm, addmm, bmm, attention), the operations
 where a network's arithmetic is. Element-wise work (bias adds, BatchNorm in eval mode,
-ReLU, pooling, residual adds) costs nothing under that counter; for the models here it
-is under 0.1% of the total, as the cross-check against torchinfo's mult-adds in the
-tests shows. A layer's *effective* FLOPs are its dense FLOPs times its density (the
+ReLU, pooling, residual adds) costs nothing under that counter: it is a few operations
+per activation against hundreds per output of a convolution. torchinfo, which also
+prices biases and BatchNorm, agrees with the counter to within 0.1% on the models here
+(a test checks it). A layer's *effective* FLOPs are its dense FLOPs times its density (the
 fraction of its weights that survive), as in the pruning-at-initialization papers;
 the network totals add whatever the counter found outside the prunable layers (zero
 for the models here), unpruned.
