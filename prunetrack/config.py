@@ -78,6 +78,8 @@ class TrainConfig:
 class RunConfig:
     seed: int = _f(0, "Seed for weights, data order, augmentation and pruning.")
     device: str = _f("auto", "Device: auto (cuda when present), cpu, cuda or cuda:N.")
+    timing_repeats: int = _f(3, "Timed evaluations of the whole test set after one warm-up; test_time is "
+                                "their median.", minimum=1)
     experiment: str = _f("prunetrack", "MLflow experiment (ignored under `mlflow run`, which sets its own).",
                          mlproject=False)
     run_name: str = _f("", "MLflow run name (default: model-pruner-compression).", mlproject=False)

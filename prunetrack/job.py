@@ -12,7 +12,7 @@ import mlflow
 import numpy as np
 import torch
 
-from prunetrack import __version__, data, masking, models, pruning, tracking, training
+from prunetrack import __version__, data, masking, measure, models, pruning, tracking, training
 from prunetrack.config import JobConfig
 
 
@@ -104,6 +104,7 @@ def run_job(cfg: JobConfig) -> str:
             tracking.log_tags({"layer_collapse": ",".join(result.collapsed)})
         tracking.log_dict(result.score_summary, "score_summary.json")
         tracking.log_masks(result.masks)
+        init_weights = measure.surviving_weights(model)  # what training starts from, for the histograms
 
         # 4. Train the pruned network with a fresh optimizer and schedule.
         start = time.perf_counter()
@@ -111,25 +112,37 @@ def run_job(cfg: JobConfig) -> str:
                      on_epoch=lambda e, m: tracking.log_metrics(m, e))
         training_time = time.perf_counter() - start
 
-        # 5. Final measurements.
-        _sync(device)
-        start = time.perf_counter()
-        final = training.evaluate(model, test_batches)
-        _sync(device)
-        test_time = time.perf_counter() - start
+        # 5. Final measurements: accuracy, testing time, FLOPs, parameters, per-layer table, histograms.
+        # The warm-up evaluation gives the accuracy; the timed repeats give test_time.
+        timing = measure.time_repeats(lambda: training.evaluate(model, test_batches),
+                                      repeats=cfg.run.timing_repeats, warmup=1, device=device)
+        final = timing.result
+        flops = measure.count_flops(model, torch.zeros(1, *ds.test_x.shape[1:], device=device))
+        layer_density = measure.densities(model)
+        flops_effective = flops.effective_total(layer_density)
         total_params = sum(q.numel() for q in model.parameters())
         tracking.log_metrics({
             # test_top5 and test_loss keep their last per-epoch values (same model, same data).
             "test_accuracy": final["top1"],
-            "test_time": test_time, "params_total": total_params, "params_prunable": prunable,
+            "test_time": timing.median, "test_images_per_sec": len(ds.test_y) / timing.median,
+            "test_time_batch_size": t.test_batch_size,
+            "flops_dense": flops.total, "flops_effective": flops_effective,
+            "macs_dense": flops.total / 2, "macs_effective": flops_effective / 2,
+            "theoretical_speedup": flops.total / max(flops_effective, 1.0),
+            "params_total": total_params, "params_prunable": prunable,
             "params_remaining": remaining, "density": remaining / prunable,
             "compression_actual": prunable / max(remaining, 1), "pruning_time": pruning_time,
             "pretraining_time": pre_time, "training_time": training_time,
         })
-        tracking.log_table([
-            {"layer": n, "shape": "x".join(map(str, m.shape)), "params": m.numel(), "remaining": int(m.sum()),
-             "density": float(m.float().mean())} for n, m in masking.get_masks(model).items()
-        ], "layers")
+        rows = measure.layer_rows(model, flops)
+        tracking.log_table(rows, "layers")
+        histograms = measure.histogram_record(init_weights, measure.surviving_weights(model), layer_density)
+        tracking.log_dict(histograms, "histograms.json")
+        tracking.log_figure(measure.histogram_figure(histograms, f"{name}: surviving weights"),
+                            "weight_histograms.png")
+        tracking.log_figure(measure.density_figure(rows, f"{name}: density per layer"), "layer_density.png")
+        print(f"test time {timing.median:.3f}s (median of {len(timing.times)}), "
+              f"{flops_effective / 1e9:.4g} of {flops.total / 1e9:.4g} GFLOPs per image", flush=True)
         print(f"done: test top-1 {final['top1']:.2f}%, run {run.info.run_id}", flush=True)
         return run.info.run_id
 

@@ -122,3 +122,8 @@ def log_table(rows: list[dict[str, Any]], name: str) -> None:
 
 def log_dict(obj: dict, name: str) -> None:
     mlflow.log_dict(obj, name)
+
+
+def log_figure(figure, name: str) -> None:
+    """A matplotlib figure as an image artifact (`name`, e.g. `weight_histograms.png`)."""
+    mlflow.log_figure(figure, name)
