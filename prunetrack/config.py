@@ -62,6 +62,10 @@ class TrainConfig:
     test_batch_size: int = _f(256, "Evaluation batch size.", minimum=1)
     pre_epochs: int = _f(0, "Epochs of training before pruning.", minimum=0)
     post_epochs: int = _f(10, "Epochs of training after pruning.", minimum=1)
+    precision: str = _f("auto", "Arithmetic for training and evaluation: auto (bf16 autocast on CUDA, "
+                        "fp32 on CPU), fp32, or bf16. Pruning scores are always computed in fp32 or better.",
+                        choices="precisions")
+    compile: bool = _f(False, "Compile the model with torch.compile for training and evaluation.")
 
     def lr_drop_epochs(self) -> list[int]:
         try:
@@ -147,4 +151,5 @@ def choices(registry: str) -> list[str]:
         "scopes": pruning.SCOPES,
         "schedules": pruning.SCHEDULES,
         "optimizers": training.OPTIMIZERS,
+        "precisions": training.PRECISIONS,
     }[registry])

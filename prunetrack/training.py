@@ -1,6 +1,7 @@
 """Optimizers, the learning-rate schedule, and the train / evaluate loops."""
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from typing import Callable
@@ -21,6 +22,17 @@ OPTIMIZERS: dict[str, Callable] = {
 }
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def autocast(precision: str, device: torch.device):
+    """bf16 autocast where asked for (on CUDA by default, where tensor cores make it
+    several times faster); plain fp32 otherwise."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def make_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float, lr_drops: list[int],
                    lr_drop_rate: float):
     """A fresh optimizer and its schedule (stepped once per epoch)."""
@@ -31,15 +43,18 @@ def make_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float, 
     return opt, sched
 
 
-def train_epoch(model: nn.Module, batches, opt, progress: Callable[[int, int], None] | None = None) -> float:
+def train_epoch(model: nn.Module, batches, opt, progress: Callable[[int, int], None] | None = None,
+                precision: str = "fp32") -> float:
     """One pass over `batches`; pruned weights are re-zeroed after every step.
     Returns the mean training loss. The loss is summed on the device and read once
     at the end, so the loop never waits for the device."""
     model.train()
-    total = torch.zeros((), device=next(model.parameters()).device)
+    device = next(model.parameters()).device
+    total = torch.zeros((), device=device)
     seen = 0
     for i, (x, y) in enumerate(batches):
-        loss = F.cross_entropy(model(x), y)
+        with autocast(precision, device):
+            loss = F.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -52,7 +67,7 @@ def train_epoch(model: nn.Module, batches, opt, progress: Callable[[int, int], N
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches) -> dict[str, float]:
+def evaluate(model: nn.Module, batches, precision: str = "fp32") -> dict[str, float]:
     """Mean loss, top-1 and top-5 accuracy (in percent) over `batches`."""
     model.eval()
     device = next(model.parameters()).device
@@ -61,7 +76,8 @@ def evaluate(model: nn.Module, batches) -> dict[str, float]:
     top5 = torch.zeros((), device=device, dtype=torch.long)
     n = 0
     for x, y in batches:
-        out = model(x)
+        with autocast(precision, device):
+            out = model(x)
         loss += F.cross_entropy(out.float(), y, reduction="sum").double()
         best = out.topk(min(5, out.shape[1]), dim=1).indices
         hits = best == y[:, None]
@@ -91,14 +107,15 @@ class Progress:
 
 
 def fit(model: nn.Module, train_batches, test_batches, epochs: int, opt, sched,
-        on_epoch: Callable[[int, dict], None], label: str = "train") -> None:
+        on_epoch: Callable[[int, dict], None], label: str = "train", precision: str = "fp32") -> None:
     """Train for `epochs`, evaluating after each; `on_epoch(epoch, metrics)` logs."""
     for epoch in range(1, epochs + 1):
         start = time.perf_counter()
-        train_loss = train_epoch(model, train_batches, opt, Progress(f"{label} epoch {epoch}", len(train_batches)))
+        train_loss = train_epoch(model, train_batches, opt, Progress(f"{label} epoch {epoch}", len(train_batches)),
+                                 precision)
         sched.step()
         seconds = time.perf_counter() - start
-        ev = evaluate(model, test_batches)
+        ev = evaluate(model, test_batches, precision)
         metrics = {"train_loss": train_loss, "test_loss": ev["loss"], "test_top1": ev["top1"],
                    "test_top5": ev["top5"], "epoch_time": seconds}
         print(f"{label} epoch {epoch}/{epochs}: train loss {train_loss:.4f}, test loss {ev['loss']:.4f}, "
