@@ -1,0 +1,261 @@
+"""Throughput benchmark: prunetrack's training path against the reference pipeline of
+the field, side by side in one run.
+
+Reference pipeline (as in the Synaptic-Flow code): a torchvision DataLoader over PIL
+images with per-image transforms (RandomCrop(32, padding=4), RandomHorizontalFlip,
+ToTensor, Normalize), masked layers recomputing weight * mask on every forward
+(torch.nn.utils.prune), float32, default memory layout.
+
+prunetrack: the dataset resident on the device as uint8, batched augmentation there,
+masks applied once after each optimizer step, channels-last and bf16 autocast on CUDA,
+optionally torch.compile.
+
+    python benchmarks/throughput.py                        # CPU or the first GPU
+    python benchmarks/throughput.py --models vgg16 --steps 50 --data-dir data
+
+Prints one table per section, with prunetrack / reference ratios. Uses CIFAR-10 from
+--data-dir when present, else synthetic images of the same shape.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import resource
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.nn.utils import prune as tprune
+
+from prunetrack import data, masking, models, pruning, training
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS so far
+
+
+def reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def load_images(data_dir: str, n_train: int, n_test: int) -> data.Dataset:
+    try:
+        ds = data.load("cifar10", data_dir, download=False)
+    except FileNotFoundError:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randint(0, 256, (n_train + n_test, 3, 32, 32), dtype=torch.uint8, generator=g)
+        y = torch.randint(0, 10, (n_train + n_test,), generator=g)
+        ds = data.Dataset("random", x[:n_train], y[:n_train], x[n_train:], y[n_train:], 10,
+                          (0.49, 0.48, 0.45), (0.25, 0.24, 0.26), "")
+    ds.train_x, ds.train_y = ds.train_x[:n_train], ds.train_y[:n_train]
+    ds.test_x, ds.test_y = ds.test_x[:n_test], ds.test_y[:n_test]
+    return ds
+
+
+# ---------------------------------------------------------------------------- the reference pipeline
+
+class PILDataset(torch.utils.data.Dataset):
+    """CIFAR images as PIL, transformed one at a time, as torchvision's CIFAR10 does."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, mean, std, train: bool):
+        import torchvision.transforms as T
+
+        self.x, self.y = x.permute(0, 2, 3, 1).contiguous().numpy(), y.tolist()
+        augment = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if train else []
+        self.transform = T.Compose([*augment, T.ToTensor(), T.Normalize(mean, std)])
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.x[i])), self.y[i]
+
+
+def reference_loader(ds, batch_size, train, workers, device):
+    return torch.utils.data.DataLoader(PILDataset(ds.train_x if train else ds.test_x,
+                                                  ds.train_y if train else ds.test_y, ds.mean, ds.std, train),
+                                       batch_size=batch_size, shuffle=train, num_workers=workers,
+                                       pin_memory=device.type == "cuda", drop_last=train,
+                                       persistent_workers=workers > 0)
+
+
+def reference_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The same network and masks, but with weight = weight_orig * mask recomputed on every forward."""
+    ref = copy.deepcopy(model)
+    for m in masking.prunable_layers(ref).values():
+        mask = m.weight_mask.float()
+        del m._buffers["weight_mask"]
+        tprune.custom_from_mask(m, "weight", mask)
+    return ref
+
+
+# ---------------------------------------------------------------------------- measurements
+
+def images_per_second(step, batches, steps: int, warmup: int, device) -> float:
+    """Run `step(x, y)` over `warmup` then `steps` batches; images per second of the timed part.
+    Batches come from `batches` (an iterable, restarted when exhausted), moved to the device."""
+    it = iter(batches)
+
+    def next_batch():
+        nonlocal it
+        try:
+            return next(it)
+        except StopIteration:
+            it = iter(batches)
+            return next(it)
+
+    for _ in range(warmup):
+        x, y = next_batch()
+        step(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+    sync(device)
+    start, seen = time.perf_counter(), 0
+    for _ in range(steps):
+        x, y = next_batch()
+        step(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+        seen += len(y)
+    sync(device)
+    return seen / (time.perf_counter() - start)
+
+
+def train_step_fn(model, precision, device, reapply_masks: bool):
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model.train()
+
+    def step(x, y):
+        with training.autocast(precision, device):
+            loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if reapply_masks:
+            masking.apply_masks(model)
+
+    return step
+
+
+def eval_step_fn(model, precision, device):
+    model.eval()
+
+    @torch.no_grad()
+    def step(x, y):
+        with training.autocast(precision, device):
+            model(x).argmax(1)
+
+    return step
+
+
+def table(title: str, header: list[str], rows: list[list]) -> None:
+    print(f"\n{title}")
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"
+    print(line(header))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in rows:
+        print(line(r))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="vgg16,resnet50")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--data-dir", default="data")
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=0, help="timed steps (default: 50 on CUDA, 3 on CPU)")
+    ap.add_argument("--warmup", type=int, default=0, help="untimed steps first (default: 10 on CUDA, 1 on CPU)")
+    ap.add_argument("--workers", type=int, default=-1, help="reference DataLoader workers (default: CPUs, max 8)")
+    ap.add_argument("--compile", action="store_true", help="also time prunetrack with torch.compile")
+    ap.add_argument("--pruners", default=",".join(pruning.PRUNERS))
+    ap.add_argument("--prune-iterations", type=int, default=0,
+                    help="rounds per pruner (0: each pruner's default; synflow's is 100)")
+    ap.add_argument("--compression", type=float, default=10)
+    args = ap.parse_args()
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if args.device == "auto" else args.device))
+    cuda = device.type == "cuda"
+    steps = args.steps or (50 if cuda else 3)
+    warmup = args.warmup or (10 if cuda else 1)
+    workers = args.workers if args.workers >= 0 else min(8, len(__import__("os").sched_getaffinity(0)))
+    precision = "auto"
+    bs = args.batch_size
+    n_train = bs * (steps + warmup + 1)
+    ds = load_images(args.data_dir, min(50000, n_train), min(10000, bs * (steps + warmup)))
+    name = torch.cuda.get_device_name(device) if cuda else f"CPU {platform.processor() or platform.machine()}"
+    print(f"device: {name}; torch {torch.__version__}; batch {bs}; {steps} timed steps after {warmup}; "
+          f"data: {ds.name}; reference DataLoader workers: {workers}; "
+          f"prunetrack precision: {'bf16 autocast' if cuda else 'fp32'}, channels-last: {cuda}")
+
+    # 1. The data path alone: augmented, normalized batches on the device.
+    gen = torch.Generator(device=device).manual_seed(0)
+    on_device = ds.train_x.to(device), ds.train_y.to(device)
+    ours = data.Batches(*on_device, bs, ds.mean, ds.std, train=True, generator=gen, channels_last=cuda)
+    ref = reference_loader(ds, bs, True, workers, device)
+    rates = [images_per_second(lambda x, y: None, b, steps, warmup, device) for b in (ours, ref)]
+    table("Data path (augmented training batches on the device), images/s",
+          ["pipeline", "images/s"], [["prunetrack", f"{rates[0]:,.0f}"], ["reference", f"{rates[1]:,.0f}"],
+                                     ["ratio", f"{rates[0] / rates[1]:.1f}x"]])
+
+    # 2. Training and evaluation throughput, 10x-pruned (random masks) networks.
+    rows = []
+    for model_name in args.models.split(","):
+        torch.manual_seed(0)
+        model = masking.add_masks(models.get_model(model_name)).to(device)
+        pruning.prune(model, "rand", args.compression)
+        ref_model = reference_model(model)
+        if cuda:
+            model = model.to(memory_format=torch.channels_last)
+        variants = [("prunetrack", model, ours, precision, True)]
+        if args.compile:
+            variants.append(("prunetrack+compile", torch.compile(model), ours, precision, True))
+        variants.append(("reference", ref_model, ref, "fp32", False))
+        results = {}
+        for label, net, batches, prec, reapply in variants:
+            reset_peak(device)
+            train = images_per_second(train_step_fn(net, prec, device, reapply), batches, steps, warmup, device)
+            test_batches = (data.Batches(ds.test_x.to(device), ds.test_y.to(device), bs, ds.mean, ds.std,
+                                         channels_last=cuda) if batches is ours
+                            else reference_loader(ds, bs, False, workers, device))
+            evals = images_per_second(eval_step_fn(net, prec, device), test_batches, steps, warmup, device)
+            results[label] = (train, evals, peak_memory_mb(device))
+            rows.append([model_name, label, f"{train:,.0f}", f"{evals:,.0f}", f"{results[label][2]:,.0f}"])
+        base = results["reference"]
+        for label, (train, evals, _) in results.items():
+            if label != "reference":
+                rows.append([model_name, f"{label} / reference", f"{train / base[0]:.1f}x", f"{evals / base[1]:.1f}x", ""])
+    table(f"Training and evaluation, {args.compression:g}x pruned, batch {bs}, images/s",
+          ["model", "pipeline", "train img/s", "eval img/s",
+           "peak GPU MB" if cuda else "peak RSS MB (process, so far)"], rows)
+
+    # 3. Pruning time per pruner (prunetrack; the pruning data is 10 images per class).
+    rows = []
+    batches = data.pruning_batches(data.Dataset(ds.name, *on_device, ds.test_x, ds.test_y, 10, ds.mean,
+                                                ds.std, ""), 10, bs, 0)
+    for model_name in args.models.split(","):
+        for pruner in args.pruners.split(","):
+            torch.manual_seed(0)
+            model = masking.add_masks(models.get_model(model_name)).to(device)
+            reset_peak(device)
+            sync(device)
+            start = time.perf_counter()
+            result = pruning.prune(model, pruner, args.compression, batches, iterations=args.prune_iterations)
+            sync(device)
+            rows.append([model_name, pruner, result.rounds, f"{time.perf_counter() - start:.2f}",
+                         f"{peak_memory_mb(device):,.0f}"])
+    table(f"Pruning to {args.compression:g}x", ["model", "pruner", "rounds", "seconds",
+                                               "peak GPU MB" if cuda else "peak RSS MB (process, so far)"], rows)
+
+
+if __name__ == "__main__":
+    main()
