@@ -483,11 +483,14 @@ def figure_vs_compression(study: Study, metric: Metric, path: str) -> bool:
                     marker="o", capsize=3, color=colors[p], label=pruner_label(p))
     if not drawn:
         return False
+    base, _ = study.baseline(study.main, metric.key)
+    if base is not None:  # at 1x no pruner removes a weight: one dense reference for every curve
+        ax.axhline(base.mean * metric.scale, color="0.4", ls=":", label=f"dense (1x), n={base.n}")
     ax.set_xscale("log")
     ax.set_xticks(study.compressions, [f"{c:g}x" for c in study.compressions])
     ax.minorticks_off()
     ax.set_xlabel("compression (prunable weights before / after)")
-    ax.set_ylabel(f"{metric.title} ({metric.unit})")
+    ax.set_ylabel(f"{metric.title}, {metric.unit}")
     ax.set_title(f"{model_label(study.main)}: {metric.title.lower()}")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -759,6 +762,8 @@ def findings(s: Study) -> list[str]:
     out += speedup_findings(s)
     for r, train, test in s.histories:
         if len(test) < 2:
+            out.append(f"- {cell_name(M, r.pruner, r.compression)} run {r.label} logged {len(test)} epoch(s) of "
+                       "test loss: too few to tell whether training converged.")
             continue
         best_epoch, best = min(test, key=lambda sv: sv[1])
         last_epoch, last = test[-1]
@@ -826,4 +831,8 @@ def log_report_run(experiment: str, name: str, folder: str) -> str:
     with tracking.job_run(experiment, f"report-{name}") as run:
         tracking.log_tags({KIND_TAG: "report", "report.experiment": experiment, "report.name": name})
         mlflow.log_artifacts(folder)
+        here = MlflowClient().get_experiment(run.info.experiment_id).name
+        if here != experiment:  # `mlflow run` without --experiment-name logs to its own experiment
+            print(f"report run {run.info.run_id} is in experiment {here!r}; pass --experiment-name "
+                  f"{experiment} to `mlflow run` to keep it beside the runs it reports", flush=True)
         return run.info.run_id
