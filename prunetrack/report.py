@@ -626,8 +626,7 @@ def render(study: Study, out: str) -> str:
         tables += [f"**Table 5.** Per-layer sparsity of {M} at {F:g}x: no run of this model at {F:g}x "
                    "logged layers.json.", ""]
         for p in s.pruners:
-            if not s.cell(s.main, p, F):
-                s.mark(s.main, p, F, "layers.json")
+            s.mark(s.main, p, F, "layers.json")
     else:
         def layer_cell(found, p, layer, fmt, what):
             if found and layer in found[1]:
