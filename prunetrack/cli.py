@@ -60,6 +60,57 @@ def prune(**values):
     run_job(cfg)
 
 
+def _csv(kind, what: str):
+    """A Click callback turning 'a,b,c' into a list (None when empty: use the defaults)."""
+    def parse(ctx, param, value):
+        items = [v.strip() for v in (value or "").split(",") if v.strip()]
+        try:
+            out = [kind(v) for v in items]
+        except ValueError:
+            raise click.BadParameter(f"expected comma-separated {what}, got {value!r}") from None
+        return out or None
+    return parse
+
+
+def _compressions(ctx, param, value):
+    out = _csv(float, "compression ratios such as 1,2,5,10")(ctx, param, value)
+    if out and min(out) < 1:
+        raise click.BadParameter(f"compression ratios must be >= 1, got {value!r}")
+    return out
+
+
+@cli.command()
+@click.option("--experiment", required=True, help="MLflow experiment whose prune runs the report reads.")
+@click.option("--name", default="", help="Report name: the folder under --output-dir (default: the experiment).")
+@click.option("--output-dir", default="reports", show_default=True, help="Where reports/<name>/ is written.")
+@click.option("--models", default="", callback=_csv(str, "model names"),
+              help="Models, comma-separated; the first with runs fills tables 2-6 "
+                   "(default: vgg16,resnet50 and any other found).")
+@click.option("--compressions", default="", callback=_compressions,
+              help="Compression ratios, comma-separated (default: 1,2,5,10,15,20 and any other found).")
+@click.option("--pruners", default="", callback=_csv(str, "pruner names"),
+              help="Pruners (table columns), comma-separated (default: rand,mag,snip,grasp,synflow "
+                   "and any other found).")
+@click.option("--dataset", default="", help="Dataset of the runs to report (default: the only one found).")
+def report(experiment, name, output_dir, models, compressions, pruners, dataset):
+    """Write the study's report from an experiment's runs: reports/<name>/REPORT.md,
+    its figures, and the same files as artifacts of a report run.
+
+    \b
+    Example:
+      prunetrack report --experiment study --models vgg16,resnet50
+    """
+    from prunetrack.report import ReportError, ReportOptions, build_report
+
+    opts = ReportOptions(experiment=experiment, name=name, output_dir=output_dir, models=models,
+                         compressions=compressions, pruners=pruners, dataset=dataset)
+    try:
+        path = build_report(opts)
+    except ReportError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"report written to {path}")
+
+
 def main(argv=None) -> None:
     """Console-script entry. Under `mlflow run` the run already exists before our code
     starts, so a usage error is written into that run (tag `error`, status FAILED)

@@ -1,0 +1,287 @@
+"""The report, against a store filled by real tiny prune jobs: every cell is checked
+against the runs' own metrics, read back independently through the MLflow client."""
+from __future__ import annotations
+
+import os
+import re
+import socket
+import statistics
+import time
+
+import matplotlib.image
+import mlflow
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+from conftest import REPO, SMOKE
+from prunetrack import cli
+from prunetrack.config import JobConfig
+from prunetrack.job import run_job
+from prunetrack.report import ReportError, ReportOptions, build_report
+
+TINY = dict(SMOKE, train_subset=256, test_subset=128)
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def job(experiment: str, **overrides) -> str:
+    return run_job(JobConfig.from_flat(dict(TINY, experiment=experiment, **overrides)))
+
+
+def add_measurements(client: MlflowClient, run_id: str, flops_dense: float = 4.0e7) -> None:
+    """Log, to a real finished run, the FLOPs metrics, per-layer FLOPs columns and
+    histograms.json that the measuring job writes, in the same names and formats."""
+    table = mlflow.artifacts.load_dict(f"runs:/{run_id}/layers.json")
+    cols = table["columns"]
+    rows = [dict(zip(cols, row)) for row in table["data"]]
+    per_layer = flops_dense / len(rows)
+    table["columns"] = cols + ["flops_dense", "flops_effective"]
+    table["data"] = [row + [per_layer, per_layer * r["density"]] for row, r in zip(table["data"], rows)]
+    client.log_dict(run_id, table, "layers.json")
+    effective = sum(per_layer * r["density"] for r in rows)
+    for key, value in {"flops_dense": flops_dense, "flops_effective": effective,
+                       "theoretical_speedup": flops_dense / effective}.items():
+        client.log_metric(run_id, key, value)
+    rng = np.random.default_rng(0)
+    hist = {"bins": 20, "layers": {}}
+    for r in rows:
+        init = rng.normal(size=r["remaining"])
+        final = init + rng.normal(scale=0.1, size=init.shape)
+        layer = {"density": r["density"]}
+        for which, values in (("init", init), ("final", final)):
+            counts, edges = np.histogram(values, bins=20)
+            layer[which] = {"edges": edges.tolist(), "counts": counts.tolist()}
+        hist["layers"][r["layer"]] = layer
+    client.log_dict(run_id, hist, "histograms.json")
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """A store with real jobs: Rand at 1x and 10x (10x with two seeds), Mag at 10x (with
+    FLOPs and histograms added), and a FAILED Mag 1x run that must not count."""
+    root = tmp_path_factory.mktemp("study")
+    uri = f"sqlite:///{root}/mlflow.db"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.delenv("MLFLOW_RUN_ID", raising=False)
+        mlflow.set_tracking_uri(uri)
+        ids = {
+            ("rand", 1.0, 0): job("study", pruner="rand", compression=1, lr=0.002),
+            ("rand", 10.0, 0): job("study", pruner="rand", compression=10),
+            ("rand", 10.0, 1): job("study", pruner="rand", compression=10, seed=1),
+            ("mag", 10.0, 0): job("study", pruner="mag", compression=10),
+        }
+        client = MlflowClient()
+        add_measurements(client, ids[("mag", 10.0, 0)])
+        # A failed run in an otherwise empty cell, with a metric that would show if it counted.
+        exp = client.get_experiment_by_name("study")
+        failed = client.create_run(exp.experiment_id, tags={"model": "resnet20", "pruner": "mag",
+                                                            "compression": "1", "dataset": "synthetic"})
+        client.log_metric(failed.info.run_id, "test_accuracy", 99.0)
+        client.set_terminated(failed.info.run_id, "FAILED")
+        opts = ReportOptions(experiment="study", name="tiny", output_dir=str(root / "reports"),
+                             models=["resnet20"], pruners=["rand", "mag"], compressions=[1, 10, 20])
+        path = build_report(opts)
+        yield dict(root=root, uri=uri, ids=ids, client=client, path=path, opts=opts,
+                   text=open(path).read(), runs={k: client.get_run(v) for k, v in ids.items()})
+        mlflow.set_tracking_uri(None)
+
+
+def table(text: str, number: int) -> dict[str, dict[str, str]]:
+    """Table `number` of the report as {first cell: {column: cell}}."""
+    block = text.split(f"**Table {number}.**", 1)[1].split("\n\n", 2)[1]
+    lines = [ln for ln in block.splitlines() if ln.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = {}
+    for ln in lines[2:]:
+        cells = [c.strip() for c in ln.strip("|").split("|")]
+        rows[cells[0]] = dict(zip(header, cells))
+    return rows
+
+
+def check_png(path) -> None:
+    with open(path, "rb") as fh:
+        assert fh.read(8) == PNG_SIGNATURE, path
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+
+
+def test_cells_equal_the_runs_metrics(study):
+    runs, text = study["runs"], study["text"]
+    acc = {k: r.data.metrics["test_accuracy"] for k, r in runs.items()}
+    t2 = table(text, 2)
+    assert t2["1x"]["Rand"] == f"{acc[('rand', 1.0, 0)]:.2f}"
+    assert t2["10x"]["Mag"] == f"{acc[('mag', 10.0, 0)]:.2f}"
+    seeds = [acc[("rand", 10.0, 0)], acc[("rand", 10.0, 1)]]
+    assert t2["10x"]["Rand"] == f"{statistics.fmean(seeds):.2f} ± {statistics.stdev(seeds):.2f} (n=2)"
+    assert table(text, 1)["ResNet20"] == {"Model": "ResNet20", "Rand": t2["10x"]["Rand"], "Mag": t2["10x"]["Mag"]}
+
+    t3 = table(text, 3)
+    assert t3["10x"]["Mag"] == f"{runs[('mag', 10.0, 0)].data.metrics['test_time'] * 1e3:,.1f}"
+    times = [runs[("rand", 10.0, s)].data.metrics["test_time"] * 1e3 for s in (0, 1)]
+    assert times[0] != times[1]
+    assert t3["10x"]["Rand"] == f"{statistics.fmean(times):,.1f} ± {statistics.stdev(times):,.1f} (n=2)"
+    t4 = table(text, 4)
+    mag = study["client"].get_run(study["ids"][("mag", 10.0, 0)]).data.metrics
+    assert t4["10x"]["Mag"] == f"{mag['flops_effective'] / 1e6:,.1f}"
+    assert t4["10x"]["Rand"] == "—*"  # runs exist but never logged FLOPs
+
+    layers = mlflow.artifacts.load_dict(f"runs:/{study['ids'][('mag', 10.0, 0)]}/layers.json")
+    t5, t6 = table(text, 5), table(text, 6)
+    assert len(t5) == len(layers["data"])
+    for row in layers["data"]:
+        r = dict(zip(layers["columns"], row))
+        assert t5[f"`{r['layer']}`"]["Params"] == f"{r['params']:,}"
+        assert t5[f"`{r['layer']}`"]["Mag"] == f"{100 * (1 - r['density']):.2f}"
+        assert t6[f"`{r['layer']}`"]["Mag"] == f"{r['flops_effective'] / 1e6:,.2f}"
+        assert t6[f"`{r['layer']}`"]["Dense"] == f"{r['flops_dense'] / 1e6:,.2f}"
+        assert t6[f"`{r['layer']}`"]["Rand"] == "—*"
+
+
+def test_failed_runs_ignored_and_missing_cells_listed(study):
+    text = study["text"]
+    t2 = table(text, 2)
+    assert t2["1x"]["Mag"] == "—"  # only the FAILED run (99%) is there
+    assert "99.00" not in text
+    assert t2["20x"] == {"Compression": "20x", "Rand": "—", "Mag": "—"}
+    missing = text.split("## Missing cells", 1)[1]
+    for pruner, c in (("Mag", "1x"), ("Rand", "20x"), ("Mag", "20x")):
+        assert f"[ResNet20 · {pruner} · {c}]: no finished run" in missing
+    assert ("`mlflow run . -e prune --experiment-name study -P model=resnet20 -P pruner=mag -P compression=20 "
+            "-P dataset=synthetic") in missing
+    # The protocol of the runs found travels with the command.
+    line = next(ln for ln in missing.splitlines() if "-P pruner=mag -P compression=20" in ln)
+    assert "-P post_epochs=1" in line and "-P train_subset=256" in line and "-P batch_size=128" in line
+    assert re.search(r"\[ResNet20 · Rand · 10x\]: .*histograms\.json not logged", missing)
+    assert "Ignored (not FINISHED): 1 FAILED" in text
+
+
+def test_settings_and_findings_come_from_the_runs(study):
+    text, runs = study["text"], study["runs"]
+    settings = text.split("## Settings", 1)[1].split("## Tables", 1)[0]
+    rand1 = runs[("rand", 1.0, 0)]
+    lr_line = next(ln for ln in settings.splitlines() if "**Learning rate**" in ln)
+    assert "differs" in lr_line and "`0.002` in 1 runs" in lr_line and rand1.info.run_id[:8] in lr_line
+    # Synthetic data is drawn from the seed, so the seed-1 run used other data: flagged, by name.
+    sha_line = next(ln for ln in settings.splitlines() if "**Dataset SHA-256**" in ln)
+    seed1 = runs[("rand", 10.0, 1)]
+    assert "differs" in sha_line
+    assert f"`{seed1.data.tags['dataset_sha256']}` in 1 runs ({seed1.info.run_name} ({seed1.info.run_id[:8]}))" \
+        in sha_line
+    assert f"**Git commit**: `{rand1.data.tags['git_commit']}`" in settings
+
+    findings = text.split("## Findings", 1)[1].split("## Missing cells", 1)[0]
+    acc = {k: r.data.metrics["test_accuracy"] for k, r in runs.items()}
+    rand10 = statistics.fmean([acc[("rand", 10.0, 0)], acc[("rand", 10.0, 1)]])
+    best = "Mag" if acc[("mag", 10.0, 0)] > rand10 else "Rand"
+    assert f"At 10x, **{best}** has the highest test accuracy" in findings
+    assert "[ResNet20 · Mag · 10x]" in findings and "[ResNet20 · Rand · 10x]" in findings
+    base = acc[("rand", 1.0, 0)]
+    if rand10 < base - 1:
+        assert f"Rand first falls more than 1 point below the dense baseline at **10x**: {rand10:.2f}%" in findings
+    else:
+        assert "Rand stays within 1 point of the dense baseline" in findings
+    layers = mlflow.artifacts.load_dict(f"runs:/{study['ids'][('mag', 10.0, 0)]}/layers.json")
+    dens = {row[0]: row[layers["columns"].index("density")] for row in layers["data"]}
+    lo, hi = min(dens, key=dens.get), max(dens, key=dens.get)
+    assert f"prunes `{lo}` most (density {dens[lo]:.4f}) and `{hi}` least" in findings
+    mag = study["client"].get_run(study["ids"][("mag", 10.0, 0)]).data.metrics
+    assert f"[ResNet20 · Mag · 10x]: FLOPs predict a {mag['theoretical_speedup']:.2f}x speedup" in findings
+    measured = rand1.data.metrics["test_time"] / mag["test_time"]
+    assert f"is a {measured:.2f}x speedup" in findings
+
+
+def test_figures_are_valid_pngs_and_logged_to_a_report_run(study):
+    out = os.path.dirname(study["path"])
+    expected = {"accuracy_vs_compression.png", "test_time_vs_compression.png", "flops_vs_compression.png",
+                "layer_density.png", "weight_histograms_mag.png", "loss_curves.png"}
+    assert {f for f in os.listdir(out) if f.endswith(".png")} == expected  # no Rand histograms: none logged
+    for name in expected:
+        check_png(os.path.join(out, name))
+        assert f"]({name})" in study["text"]
+    assert study["text"].count("**Figure ") == len(expected)
+
+    client = study["client"]
+    exp = client.get_experiment_by_name("study")
+    reports = client.search_runs([exp.experiment_id], "tags.`prunetrack.kind` = 'report'")
+    assert len(reports) == 1 and reports[0].info.status == "FINISHED"
+    logged = {a.path for a in client.list_artifacts(reports[0].info.run_id)}
+    assert logged == expected | {"REPORT.md"}
+    local = client.download_artifacts(reports[0].info.run_id, "REPORT.md", str(study["root"]))
+    assert open(local).read() == study["text"]
+
+
+def test_second_report_skips_the_report_run(study):
+    opts = ReportOptions(**{**study["opts"].__dict__, "name": "again"})
+    text = open(build_report(opts)).read()
+    assert table(text, 2) == table(study["text"], 2)
+    assert "Read from the 4 finished prune runs" in text
+
+
+def test_unknown_and_empty_experiments(mlflow_store):
+    mlflow.set_experiment("has-runs")
+    MlflowClient().create_experiment("empty")
+    with pytest.raises(ReportError, match=r"no experiment named 'nope'.*existing experiments: .*empty.*has-runs"):
+        build_report(ReportOptions(experiment="nope"))
+    with pytest.raises(ReportError, match="experiment 'empty' has no FINISHED prune runs"):
+        build_report(ReportOptions(experiment="empty"))
+
+
+def test_tracking_server_that_does_not_answer(monkeypatch, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    uri = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    try:
+        start = time.perf_counter()
+        result = CliRunner().invoke(cli.cli, ["report", "--experiment", "study", "--output-dir", str(tmp_path)])
+        assert result.exit_code != 0
+        assert f"the tracking server at {uri} does not answer" in result.output
+        assert time.perf_counter() - start < 30
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+def test_bad_list_options_are_rejected():
+    result = CliRunner().invoke(cli.cli, ["report", "--experiment", "x", "--compressions", "1,ten"])
+    assert result.exit_code == 2 and "comma-separated compression ratios" in result.output
+    result = CliRunner().invoke(cli.cli, ["report", "--experiment", "x", "--compressions", "0.5,2"])
+    assert result.exit_code == 2 and "must be >= 1" in result.output
+
+
+def test_mlproject_report_entry_matches_the_command():
+    with open(os.path.join(REPO, "MLproject")) as fh:
+        entry = yaml.safe_load(fh)["entry_points"]["report"]
+    options = {p.name for p in cli.cli.commands["report"].params}
+    assert set(entry["parameters"]) == options
+    for name in options:
+        assert f"--{name.replace('_', '-')} {{{name}}}" in entry["command"]
+
+
+def test_report_against_a_real_mlflow_server(mlflow_server, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    mlflow.set_tracking_uri(mlflow_server)
+    try:
+        ids = {p: job("served", pruner=p, compression=10) for p in ("rand", "mag")}
+        result = CliRunner().invoke(cli.cli, ["report", "--experiment", "served", "--models", "resnet20",
+                                              "--pruners", "rand,mag", "--compressions", "10",
+                                              "--output-dir", str(tmp_path / "reports")])
+        assert result.exit_code == 0, result.output
+        text = (tmp_path / "reports" / "served" / "REPORT.md").read_text()
+        client = MlflowClient()
+        row = table(text, 1)["ResNet20"]
+        for p, label in (("rand", "Rand"), ("mag", "Mag")):
+            assert row[label] == f"{client.get_run(ids[p]).data.metrics['test_accuracy']:.2f}"
+        check_png(tmp_path / "reports" / "served" / "layer_density.png")
+        exp = client.get_experiment_by_name("served")
+        (report,) = client.search_runs([exp.experiment_id], "tags.`prunetrack.kind` = 'report'")
+        assert {"REPORT.md", "layer_density.png"} <= {a.path for a in client.list_artifacts(report.info.run_id)}
+    finally:
+        mlflow.set_tracking_uri(None)
