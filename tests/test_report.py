@@ -30,37 +30,11 @@ def job(experiment: str, **overrides) -> str:
     return run_job(JobConfig.from_flat(dict(TINY, experiment=experiment, **overrides)))
 
 
-def add_measurements(client: MlflowClient, run_id: str, flops_dense: float = 4.0e7) -> None:
-    """Log, to a real finished run, the FLOPs metrics, per-layer FLOPs columns and
-    histograms.json that the measuring job writes, in the same names and formats."""
-    table = mlflow.artifacts.load_dict(f"runs:/{run_id}/layers.json")
-    cols = table["columns"]
-    rows = [dict(zip(cols, row)) for row in table["data"]]
-    per_layer = flops_dense / len(rows)
-    table["columns"] = cols + ["flops_dense", "flops_effective"]
-    table["data"] = [row + [per_layer, per_layer * r["density"]] for row, r in zip(table["data"], rows)]
-    client.log_dict(run_id, table, "layers.json")
-    effective = sum(per_layer * r["density"] for r in rows)
-    for key, value in {"flops_dense": flops_dense, "flops_effective": effective,
-                       "theoretical_speedup": flops_dense / effective}.items():
-        client.log_metric(run_id, key, value)
-    rng = np.random.default_rng(0)
-    hist = {"bins": 20, "layers": {}}
-    for r in rows:
-        init = rng.normal(size=r["remaining"])
-        final = init + rng.normal(scale=0.1, size=init.shape)
-        layer = {"density": r["density"]}
-        for which, values in (("init", init), ("final", final)):
-            counts, edges = np.histogram(values, bins=20)
-            layer[which] = {"edges": edges.tolist(), "counts": counts.tolist()}
-        hist["layers"][r["layer"]] = layer
-    client.log_dict(run_id, hist, "histograms.json")
-
-
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
-    """A store with real jobs: Rand at 1x and 10x (10x with two seeds), Mag at 10x (with
-    FLOPs and histograms added), and a FAILED Mag 1x run that must not count."""
+    """A store with real jobs: Rand at 1x and 10x (10x with two seeds), Mag at 10x; a
+    finished Rand 5x run that logged its accuracy and nothing else (as a run from an
+    older version, or a hand-made one, would), and a FAILED Mag 1x run that must not count."""
     root = tmp_path_factory.mktemp("study")
     uri = f"sqlite:///{root}/mlflow.db"
     with pytest.MonkeyPatch.context() as mp:
@@ -75,15 +49,18 @@ def study(tmp_path_factory):
             ("mag", 10.0, 0): job("study", pruner="mag", compression=10),
         }
         client = MlflowClient()
-        add_measurements(client, ids[("mag", 10.0, 0)])
-        # A failed run in an otherwise empty cell, with a metric that would show if it counted.
         exp = client.get_experiment_by_name("study")
+        bare = client.create_run(exp.experiment_id, tags={"model": "resnet20", "pruner": "rand",
+                                                          "compression": "5", "dataset": "synthetic"})
+        client.log_metric(bare.info.run_id, "test_accuracy", 42.0)
+        client.set_terminated(bare.info.run_id, "FINISHED")
+        # A failed run in an otherwise empty cell, with a metric that would show if it counted.
         failed = client.create_run(exp.experiment_id, tags={"model": "resnet20", "pruner": "mag",
                                                             "compression": "1", "dataset": "synthetic"})
         client.log_metric(failed.info.run_id, "test_accuracy", 99.0)
         client.set_terminated(failed.info.run_id, "FAILED")
         opts = ReportOptions(experiment="study", name="tiny", output_dir=str(root / "reports"),
-                             models=["resnet20"], pruners=["rand", "mag"], compressions=[1, 10, 20])
+                             models=["resnet20"], pruners=["rand", "mag"], compressions=[1, 5, 10, 20])
         path = build_report(opts)
         yield dict(root=root, uri=uri, ids=ids, client=client, path=path, opts=opts,
                    text=open(path).read(), runs={k: client.get_run(v) for k, v in ids.items()})
@@ -127,7 +104,9 @@ def test_cells_equal_the_runs_metrics(study):
     t4 = table(text, 4)
     mag = study["client"].get_run(study["ids"][("mag", 10.0, 0)]).data.metrics
     assert t4["10x"]["Mag"] == f"{mag['flops_effective'] / 1e6:,.1f}"
-    assert t4["10x"]["Rand"] == "—*"  # runs exist but never logged FLOPs
+    flops = [runs[("rand", 10.0, s)].data.metrics["flops_effective"] / 1e6 for s in (0, 1)]
+    assert t4["10x"]["Rand"] == f"{statistics.fmean(flops):,.1f} ± {statistics.stdev(flops):,.1f} (n=2)"
+    assert t2["5x"]["Rand"] == "42.00" and t4["5x"]["Rand"] == "—*"  # a run, but no FLOPs logged
 
     layers = mlflow.artifacts.load_dict(f"runs:/{study['ids'][('mag', 10.0, 0)]}/layers.json")
     t5, t6 = table(text, 5), table(text, 6)
@@ -138,7 +117,7 @@ def test_cells_equal_the_runs_metrics(study):
         assert t5[f"`{r['layer']}`"]["Mag"] == f"{100 * (1 - r['density']):.2f}"
         assert t6[f"`{r['layer']}`"]["Mag"] == f"{r['flops_effective'] / 1e6:,.2f}"
         assert t6[f"`{r['layer']}`"]["Dense"] == f"{r['flops_dense'] / 1e6:,.2f}"
-        assert t6[f"`{r['layer']}`"]["Rand"] == "—*"
+        assert t6[f"`{r['layer']}`"]["Rand"] != "—*"
 
 
 def test_failed_runs_ignored_and_missing_cells_listed(study):
@@ -155,7 +134,7 @@ def test_failed_runs_ignored_and_missing_cells_listed(study):
     # The protocol of the runs found travels with the command.
     line = next(ln for ln in missing.splitlines() if "-P pruner=mag -P compression=20" in ln)
     assert "-P post_epochs=1" in line and "-P train_subset=256" in line and "-P batch_size=128" in line
-    assert re.search(r"\[ResNet20 · Rand · 10x\]: .*histograms\.json not logged", missing)
+    assert re.search(r"\[ResNet20 · Rand · 5x\]: .*not logged", missing)
     assert "Ignored (not FINISHED): 1 FAILED" in text
 
 
@@ -171,7 +150,8 @@ def test_settings_and_findings_come_from_the_runs(study):
     assert "differs" in sha_line
     assert f"`{seed1.data.tags['dataset_sha256']}` in 1 runs ({seed1.info.run_name} ({seed1.info.run_id[:8]}))" \
         in sha_line
-    assert f"**Git commit**: `{rand1.data.tags['git_commit']}`" in settings
+    commit_line = next(ln for ln in settings.splitlines() if "**Git commit**" in ln)
+    assert f"`{rand1.data.tags['git_commit']}`" in commit_line
 
     findings = text.split("## Findings", 1)[1].split("## Missing cells", 1)[0]
     acc = {k: r.data.metrics["test_accuracy"] for k, r in runs.items()}
@@ -197,7 +177,7 @@ def test_settings_and_findings_come_from_the_runs(study):
 def test_figures_are_valid_pngs_and_logged_to_a_report_run(study):
     out = os.path.dirname(study["path"])
     expected = {"accuracy_vs_compression.png", "test_time_vs_compression.png", "flops_vs_compression.png",
-                "layer_density.png", "weight_histograms_mag.png", "loss_curves.png"}
+                "layer_density.png", "weight_histograms_mag.png", "weight_histograms_rand.png", "loss_curves.png"}
     assert {f for f in os.listdir(out) if f.endswith(".png")} == expected  # no Rand histograms: none logged
     for name in expected:
         check_png(os.path.join(out, name))
@@ -218,7 +198,7 @@ def test_second_report_skips_the_report_run(study):
     opts = ReportOptions(**{**study["opts"].__dict__, "name": "again"})
     text = open(build_report(opts)).read()
     assert table(text, 2) == table(study["text"], 2)
-    assert "Read from the 4 finished prune runs" in text
+    assert "Read from the 5 finished prune runs" in text
 
 
 def test_unknown_and_empty_experiments(mlflow_store):
