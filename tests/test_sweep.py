@@ -109,8 +109,10 @@ def test_study_specs_cover_the_study():
 
 # ---------------------------------------------------------------------------- running sweeps
 
+@pytest.mark.slow
 def test_killed_sweep_resumes_only_missing_cells(tmp_path, mlflow_store):
     path = write_spec(tmp_path, {"compression": [2, 5, 10]}, name="resume")
+    runs()  # create the store's tables here, not concurrently with the sweep process
     proc = subprocess.Popen([sys.executable, "-m", "prunetrack", "sweep", path], cwd=tmp_path,
                             env={**os.environ, "PYTHONPATH": REPO}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -152,6 +154,7 @@ def test_killed_sweep_resumes_only_missing_cells(tmp_path, mlflow_store):
     assert len([r for r in children() if r.info.status == "FINISHED"]) == 3
 
 
+@pytest.mark.slow
 def test_failing_cell_is_reported_and_others_finish(tmp_path, mlflow_store):
     # The cifar10 cell cannot find its data and may not download it: it fails at once.
     path = write_spec(tmp_path, {"dataset": ["synthetic", "cifar10"]}, name="fail",
@@ -171,6 +174,7 @@ def test_failing_cell_is_reported_and_others_finish(tmp_path, mlflow_store):
     assert result.exit_code != 0 and "0 finished, 1 skipped (already finished), 1 failed" in result.output
 
 
+@pytest.mark.slow
 def test_parallel_cells_on_one_sqlite_store(tmp_path, mlflow_store):
     path = write_spec(tmp_path, {"seed": [0, 1]}, name="par")
     summary = sweep.run_sweep(sweep.load_spec(path), parallel=2)
@@ -183,6 +187,7 @@ def test_parallel_cells_on_one_sqlite_store(tmp_path, mlflow_store):
         assert "config.yaml" in {a.path for a in mlflow.MlflowClient().list_artifacts(r.info.run_id)}
 
 
+@pytest.mark.slow
 def test_ray_executor_runs_two_cells(tmp_path, mlflow_store):
     ray = pytest.importorskip("ray")
     path = write_spec(tmp_path, {"compression": [2, 10]}, name="ray")
