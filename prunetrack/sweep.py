@@ -343,9 +343,12 @@ def run_local(cells: list[Cell], envs: dict[str, dict[str, str]], parallel: int,
                 env["CUDA_VISIBLE_DEVICES"] = gpu
             on_start(cell, f"gpu {gpu}" if gpu is not None else "cpu")
             start = time.time()
-            code, output, run_id = run_cell_process(
-                cell_command(cell), env, on_line=(lambda line: print("    " + line, end="", flush=True)) if echo
-                else None, started=started, tie_to_parent=True)
+            try:
+                code, output, run_id = run_cell_process(
+                    cell_command(cell), env, on_line=(lambda line: print("    " + line, end="", flush=True)) if echo
+                    else None, started=started, tie_to_parent=True)
+            except Exception as e:  # the process could not start: this cell fails, the others go on
+                return Result(cell, "failed", time.time() - start, output=f"cannot run the cell: {e!r}")
             return Result(cell, "finished" if code == 0 else "failed", time.time() - start, run_id, output)
         finally:
             slots.put(gpu)
@@ -418,12 +421,13 @@ def run_ray(cells: list[Cell], envs: dict[str, dict[str, str]], address: str | N
 # ---------------------------------------------------------------------------- the sweep
 
 def run_sweep(spec: Spec, parallel: int = 1, executor: str = "local", ray_address: str | None = None,
-              dry_run: bool = False, echo: Callable[[str], None] = print) -> Summary:
+              dry_run: bool = False, echo: Callable[[str], None] | None = None) -> Summary:
     """Run the cells of `spec` that have no FINISHED run yet, under a parent run.
 
     Returns the summary; raises SweepFailed (after every other cell ran, and after closing
     the parent run as FAILED) when some cell failed.
     """
+    echo = echo or (lambda line: print(line, flush=True))
     if executor not in EXECUTORS:
         raise ValueError(f"unknown executor {executor!r}; choose one of: {', '.join(EXECUTORS)}")
     if parallel < 1:

@@ -203,3 +203,31 @@ def test_ray_executor_runs_two_cells(tmp_path, mlflow_store):
     assert sorted(r.data.tags["cell"] for r in done) == ["compression=10", "compression=2"]
     assert all(r.info.status == "FINISHED" and r.data.tags["mlflow.parentRunId"] == parent.info.run_id
                for r in done)
+
+
+def test_parallel_cells_are_pinned_to_distinct_gpus(tmp_path, monkeypatch):
+    """With 2 visible GPUs and 2 cells at a time, every cell gets one GPU of its own:
+    two cells running together never share one. (The cell processes are replaced by a
+    recorder; no GPU is needed.)"""
+    import threading
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    spec = sweep.load_spec(write_spec(tmp_path, {"seed": [0, 1, 2, 3]}))
+    lock, running, seen = threading.Lock(), {}, []
+
+    def fake_cell(command, env, on_line=None, started=None, tie_to_parent=False):
+        with lock:
+            assert env["CUDA_VISIBLE_DEVICES"] not in running.values(), "two running cells share a GPU"
+            running[command[command.index("--seed") + 1]] = env["CUDA_VISIBLE_DEVICES"]
+            seen.append(env["CUDA_VISIBLE_DEVICES"])
+        time.sleep(0.2)
+        with lock:
+            del running[command[command.index("--seed") + 1]]
+        return 0, "", None
+
+    monkeypatch.setattr(sweep, "run_cell_process", fake_cell)
+    envs = {c.key: {} for c in spec.cells}
+    results = list(sweep.run_local(spec.cells, envs, parallel=2, on_start=lambda cell, where: None))
+    assert sorted(r.cell.key for r in results) == ["seed=0", "seed=1", "seed=2", "seed=3"]
+    assert all(r.status == "finished" for r in results)
+    assert sorted(seen) == ["3", "3", "5", "5"]
