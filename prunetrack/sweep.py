@@ -29,6 +29,7 @@ import json
 import os
 import queue
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -453,10 +454,14 @@ def run_sweep(spec: Spec, parallel: int = 1, executor: str = "local", ray_addres
     if executor == "ray" and ray_address and not tracking.tracking_is_remote():
         raise RuntimeError("cells on a Ray cluster need a tracking server every node can reach: "
                            "set MLFLOW_TRACKING_URI to it (http://host:port), not a local store")
+    host = socket.gethostname()
+    for run_id in tracking.close_stale_sweeps(experiment, spec.name, host, _alive):
+        echo(f"closed run {run_id} (KILLED): left RUNNING by an earlier sweep process that died")
     results: list[Result] = list(skipped)
     concurrent = executor == "ray" or (parallel > 1 and len(todo) > 1)
     with tracking.tracking_server(needed=concurrent) as uri, \
-            tracking.job_run(experiment, f"sweep-{spec.name}", tags={"sweep": spec.name}) as parent:
+            tracking.job_run(experiment, f"sweep-{spec.name}",
+                             tags={"sweep": spec.name, "sweep_host": host, "sweep_pid": os.getpid()}) as parent:
         tracking.log_text(spec.text or yaml.safe_dump({"name": spec.name}), "sweep.yaml")
         envs = {c.key: cell_env(c, spec.name, parent.info.run_id, uri) for c in todo}
         progress = _Progress(len(spec.cells), len(skipped), len(todo), start, echo)
@@ -466,6 +471,10 @@ def run_sweep(spec: Spec, parallel: int = 1, executor: str = "local", ray_addres
             stream = run_ray(todo, envs, ray_address, progress.started)
         with contextlib.closing(stream):
             for result in stream:
+                if result.status == "failed" and result.run_id:
+                    # A process killed outright (SIGKILL, out of memory) cannot close its own run.
+                    tracking.end_if_running(result.run_id, "FAILED", "the cell's process died without closing "
+                                            f"its run:\n{result.output[-2000:]}")
                 results.append(result)
                 progress.finished(result)
         summary = Summary(spec.name, sorted(results, key=lambda r: spec.cells.index(r.cell)), time.time() - start)
@@ -483,6 +492,16 @@ def run_sweep(spec: Spec, parallel: int = 1, executor: str = "local", ray_addres
         if summary.failed:
             raise SweepFailed(summary)
     return summary
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 class _Progress:

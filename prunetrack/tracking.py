@@ -180,6 +180,42 @@ def finished_configs(experiment: str) -> dict[str, str]:
             return found
 
 
+def end_if_running(run_id: str, status: str, error: str) -> bool:
+    """Close a run its own process could not close (killed by SIGKILL or the OOM killer):
+    set `error` and end it with `status`. Returns whether it was still RUNNING."""
+    client = mlflow.MlflowClient()
+    if client.get_run(run_id).info.status != "RUNNING":
+        return False
+    client.set_tag(run_id, "error", error[:4000])
+    client.set_terminated(run_id, status)
+    return True
+
+
+def close_stale_sweeps(experiment: str, sweep: str, host: str, alive) -> list[str]:
+    """End as KILLED the RUNNING parent runs of `sweep` started on `host` by a process
+    that no longer exists (`alive(pid)` is False), e.g. a sweep killed with SIGKILL, and
+    their children left RUNNING. Returns the ids of the runs closed."""
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    closed = []
+    stale = client.search_runs([exp.experiment_id], f"attributes.status = 'RUNNING' and tags.sweep = '{sweep}' "
+                               f"and tags.sweep_host = '{host}'", max_results=1000)
+    for parent in stale:
+        pid = parent.data.tags.get("sweep_pid", "")
+        if not pid.isdigit() or alive(int(pid)):
+            continue
+        orphans = client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING' and "
+                                     f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'", max_results=1000)
+        for run in [*orphans, parent]:
+            client.set_tag(run.info.run_id, "error", f"the sweep process (pid {pid} on {host}) died without "
+                                                     f"closing this run")
+            client.set_terminated(run.info.run_id, "KILLED")
+            closed.append(run.info.run_id)
+    return closed
+
+
 def tracking_is_remote() -> bool:
     """Whether the tracking URI is a server other machines could reach."""
     return mlflow.get_tracking_uri().startswith(("http://", "https://", "databricks"))

@@ -231,3 +231,32 @@ def test_parallel_cells_are_pinned_to_distinct_gpus(tmp_path, monkeypatch):
     assert sorted(r.cell.key for r in results) == ["seed=0", "seed=1", "seed=2", "seed=3"]
     assert all(r.status == "finished" for r in results)
     assert sorted(seen) == ["3", "3", "5", "5"]
+
+
+def test_runs_left_running_by_dead_processes_are_closed(tmp_path, mlflow_store, monkeypatch):
+    """A cell process killed outright (OOM killer) and a sweep killed with SIGKILL cannot
+    close their runs; the sweep closes the first at once and the second when run again."""
+    import socket
+
+    path = write_spec(tmp_path, {"seed": [0]}, name="dead")
+    spec = sweep.load_spec(path)
+    client = mlflow.MlflowClient()
+    exp = client.create_experiment("sweeps")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid that no longer exists
+    stale = client.create_run(exp, run_name="sweep-dead", tags={
+        "sweep": "dead", "sweep_host": socket.gethostname(), "sweep_pid": str(gone.pid)})
+    orphan = client.create_run(exp, tags={"mlflow.parentRunId": stale.info.run_id})
+    killed = client.create_run(exp)  # the run of a cell whose process gets SIGKILLed
+
+    def oom_cell(command, env, on_line=None, started=None, tie_to_parent=False):
+        return -9, f"run {killed.info.run_id}: resnet20-rand-10x-s0\nKilled\n", killed.info.run_id
+
+    monkeypatch.setattr(sweep, "run_cell_process", oom_cell)
+    with pytest.raises(sweep.SweepFailed):
+        sweep.run_sweep(spec)
+    assert client.get_run(stale.info.run_id).info.status == "KILLED"
+    assert client.get_run(orphan.info.run_id).info.status == "KILLED"
+    assert client.get_run(killed.info.run_id).info.status == "FAILED"
+    assert "died without closing" in client.get_run(killed.info.run_id).data.tags["error"]
+    assert all(r.info.status != "RUNNING" for r in runs())
