@@ -22,7 +22,6 @@ failure runs only what is missing.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import difflib
 import itertools
 import json

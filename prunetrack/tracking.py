@@ -36,8 +36,8 @@ def git_commit() -> str:
         return "unknown"
 
 
-class _Terminated(BaseException):
-    """SIGTERM, turned into an exception so the run is closed as KILLED."""
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: the run is closed as KILLED and the command aborts."""
 
 
 def _raise_terminated(signum, frame):
