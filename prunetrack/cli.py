@@ -111,6 +111,38 @@ def report(experiment, name, output_dir, models, compressions, pruners, dataset)
     click.echo(f"report written to {path}")
 
 
+@cli.command()
+@click.argument("spec", type=click.Path(exists=True, dir_okay=False))
+@click.option("--parallel", "-j", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Cells run at a time by the local executor (each pinned to a GPU when there are GPUs).")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: subprocesses of this command; ray: one Ray task per cell (pip install 'prunetrack[ray]').")
+@click.option("--ray-address", default=None,
+              help="Ray cluster to run on (default: RAY_ADDRESS, else a local Ray instance).")
+@click.option("--dry-run", is_flag=True, help="List the cells and which would be skipped; run nothing.")
+def sweep(spec, parallel, executor, ray_address, dry_run):
+    """Run a grid of prune jobs from a YAML SPEC, one MLflow child run per cell.
+
+    Cells that already have a FINISHED run with the same configuration are skipped, so
+    running a sweep again after a kill or a failure runs only what is missing.
+
+    \b
+    Example (a CPU smoke sweep in a few minutes):
+      prunetrack sweep sweeps/smoke.yaml --parallel 2
+    """
+    from prunetrack import sweep as sweeps
+
+    try:
+        loaded = sweeps.load_spec(spec)
+    except sweeps.SpecError as e:
+        raise click.BadParameter(str(e), param_hint="SPEC") from None
+    try:
+        sweeps.run_sweep(loaded, parallel=parallel, executor=executor, ray_address=ray_address, dry_run=dry_run,
+                         echo=lambda line: click.echo(line))
+    except sweeps.SweepFailed as e:
+        raise click.ClickException(str(e)) from None
+
+
 def main(argv=None) -> None:
     """Console-script entry. Under `mlflow run` the run already exists before our code
     starts, so a usage error is written into that run (tag `error`, status FAILED)

@@ -8,6 +8,8 @@ line in MLproject, which a test keeps in step).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -130,6 +132,18 @@ class JobConfig:
         self.train.lr_drop_epochs()
         return self
 
+    def config_hash(self) -> str:
+        """A short digest of what the run computes (every field but the naming ones, values
+        in their field's type so 10 and 10.0 agree). A sweep skips a cell whose hash already
+        has a FINISHED run; jobs log it as the `config_hash` tag."""
+        types = {f.name: f for f in fields()}
+        flat = {k: coerce(types[k], v) for k, v in self.flat().items() if k not in NAMING_FIELDS}
+        return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# Fields that name a run rather than change what it computes.
+NAMING_FIELDS = ("experiment", "run_name")
+
 
 GROUPS = {"data": DataConfig, "model": ModelConfig, "prune": PruneConfig, "train": TrainConfig,
           "run": RunConfig}
@@ -138,6 +152,38 @@ GROUPS = {"data": DataConfig, "model": ModelConfig, "prune": PruneConfig, "train
 def fields() -> list[dataclasses.Field]:
     """Every hyperparameter field, in group order."""
     return [f for group in GROUPS.values() for f in dataclasses.fields(group)]
+
+
+def coerce(f: dataclasses.Field, value: Any) -> Any:
+    """`value` as field `f`'s type (from YAML or JSON: 10 for a float, "true" for a bool);
+    ValueError naming the field and the type it takes."""
+    kind = f.type if isinstance(f.type, str) else f.type.__name__
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif kind == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif kind == "float":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif kind == "str":
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    else:
+        return value
+    raise ValueError(f"{f.name} takes a{'n' if kind == 'int' else ''} {kind}, got {value!r}")
 
 
 def choices(registry: str) -> list[str]:

@@ -42,16 +42,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
+def resolve(cfg: JobConfig) -> JobConfig:
+    """Fill the fields whose default depends on other fields (in place)."""
+    cfg.prune.iterations = cfg.prune.iterations or pruning.DEFAULT_ITERATIONS.get(cfg.prune.pruner, 1)
+    return cfg
+
+
 def run_job(cfg: JobConfig) -> str:
     """Run one job; returns the MLflow run id. Raises on bad configuration before any
     run is created, and on any later failure after closing the run as FAILED."""
     cfg.validate()
     device = resolve_device(cfg.run.device)
-    cfg.prune.iterations = cfg.prune.iterations or pruning.DEFAULT_ITERATIONS.get(cfg.prune.pruner, 1)
+    resolve(cfg)
     p, t = cfg.prune, cfg.train
     name = cfg.run.run_name or f"{cfg.model.model}-{p.pruner}-{p.compression:g}x-s{cfg.run.seed}"
 
-    with tracking.job_run(cfg.run.experiment, name) as run:
+    with tracking.job_run(cfg.run.experiment, name, tags={"config_hash": cfg.config_hash()}) as run:
         tracking.log_config(cfg.flat())
         tracking.log_tags({
             "model": cfg.model.model, "dataset": cfg.data.dataset, "pruner": p.pruner,

@@ -8,6 +8,7 @@ FINISHED, or FAILED with the error as a tag and the traceback as `error.txt`
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -35,32 +36,56 @@ def git_commit() -> str:
         return "unknown"
 
 
-class _Terminated(BaseException):
-    """SIGTERM, turned into an exception so the run is closed as KILLED."""
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: the run is closed as KILLED and the command aborts."""
 
 
 def _raise_terminated(signum, frame):
     raise _Terminated(f"terminated by signal {signum}")
 
 
+# Tags a parent process (a sweep) asks every run it starts to carry, as a JSON object
+# (e.g. {"mlflow.parentRunId": ..., "sweep": ..., "cell": ...}).
+RUN_TAGS_ENV = "PRUNETRACK_RUN_TAGS"
+
+
+def env_tags() -> dict[str, str]:
+    raw = os.environ.get(RUN_TAGS_ENV)
+    if not raw:
+        return {}
+    try:
+        tags = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{RUN_TAGS_ENV} must be a JSON object of tags, got {raw!r} ({e})") from None
+    if not isinstance(tags, dict):
+        raise ValueError(f"{RUN_TAGS_ENV} must be a JSON object of tags, got {raw!r}")
+    return {str(k): str(v) for k, v in tags.items()}
+
+
 @contextlib.contextmanager
-def job_run(experiment: str, run_name: str):
-    """The MLflow run of one job. Under `mlflow run` the run already exists (its id is in
-    MLFLOW_RUN_ID) and its experiment and name are mlflow's; otherwise we create it."""
+def job_run(experiment: str, run_name: str, tags: dict[str, Any] | None = None):
+    """The MLflow run of one job (or sweep). Under `mlflow run` the run already exists (its
+    id is in MLFLOW_RUN_ID) and its experiment and name are mlflow's; otherwise we create
+    it. `tags` and those in PRUNETRACK_RUN_TAGS are set as the run starts, so that even a
+    run that fails at once is attributed to its sweep."""
+    tags = {**env_tags(), **{k: str(v) for k, v in (tags or {}).items()}}
     if not os.environ.get("MLFLOW_RUN_ID"):
         mlflow.set_experiment(experiment)
-    run = mlflow.start_run(run_name=None if os.environ.get("MLFLOW_RUN_ID") else run_name)
     previous = None
+    # Installed before the run exists, so a SIGTERM that arrives while it is being
+    # created still closes it (as KILLED) instead of leaving it RUNNING.
     with contextlib.suppress(ValueError):  # not in the main thread
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
+        run = mlflow.start_run(run_name=None if os.environ.get("MLFLOW_RUN_ID") else run_name, tags=tags or None)
         yield run
     except BaseException as e:
         status = "KILLED" if isinstance(e, (KeyboardInterrupt, _Terminated)) else "FAILED"
-        with contextlib.suppress(Exception):  # a dead tracking server must not hide the real error
-            mlflow.set_tag("error", f"{type(e).__name__}: {e}"[:4000])
-            mlflow.log_text(traceback.format_exc(), "error.txt")
-        mlflow.end_run(status)
+        if mlflow.active_run():
+            with contextlib.suppress(Exception):  # a dead tracking server must not hide the real error
+                mlflow.set_tag("error", f"{type(e).__name__}: {e}"[:4000])
+                mlflow.log_text(traceback.format_exc(), "error.txt")
+            mlflow.end_run(status)
         raise
     else:
         mlflow.end_run("FINISHED")
@@ -127,3 +152,163 @@ def log_dict(obj: dict, name: str) -> None:
 def log_figure(figure, name: str) -> None:
     """A matplotlib figure as an image artifact (`name`, e.g. `weight_histograms.png`)."""
     mlflow.log_figure(figure, name)
+
+
+def log_text(text: str, name: str) -> None:
+    mlflow.log_text(text, name)
+
+
+# ---------------------------------------------------------------------------- sweeps
+
+def experiment_of_run(run_id: str) -> str:
+    """The experiment name of an existing run (a sweep under `mlflow run` puts its cells
+    where mlflow put the sweep's own run)."""
+    client = mlflow.MlflowClient()
+    return client.get_experiment(client.get_run(run_id).info.experiment_id).name
+
+
+def finished_configs(experiment: str) -> dict[str, str]:
+    """{config_hash: run_id} of the FINISHED runs in `experiment` (none if it does not exist)."""
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return {}
+    found, token = {}, None
+    while True:
+        page = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'", max_results=1000,
+                                  page_token=token)
+        for run in page:
+            if "config_hash" in run.data.tags:
+                found.setdefault(run.data.tags["config_hash"], run.info.run_id)
+        token = page.token
+        if not token:
+            return found
+
+
+def end_if_running(run_id: str, status: str, error: str) -> bool:
+    """Close a run its own process could not close (killed by SIGKILL or the OOM killer):
+    set `error` and end it with `status`. Returns whether it was still RUNNING."""
+    client = mlflow.MlflowClient()
+    if client.get_run(run_id).info.status != "RUNNING":
+        return False
+    client.set_tag(run_id, "error", error[:4000])
+    client.set_terminated(run_id, status)
+    return True
+
+
+def close_stale_sweeps(experiment: str, sweep: str, host: str, alive) -> list[str]:
+    """End as KILLED the RUNNING parent runs of `sweep` started on `host` by a process
+    that no longer exists (`alive(pid)` is False), e.g. a sweep killed with SIGKILL, and
+    their children left RUNNING. Returns the ids of the runs closed."""
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    closed = []
+    stale = client.search_runs([exp.experiment_id], f"attributes.status = 'RUNNING' and tags.sweep = '{sweep}' "
+                               f"and tags.sweep_host = '{host}'", max_results=1000)
+    for parent in stale:
+        pid = parent.data.tags.get("sweep_pid", "")
+        if not pid.isdigit() or alive(int(pid)):
+            continue
+        orphans = client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING' and "
+                                     f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'", max_results=1000)
+        for run in [*orphans, parent]:
+            client.set_tag(run.info.run_id, "error", f"the sweep process (pid {pid} on {host}) died without "
+                                                     f"closing this run")
+            client.set_terminated(run.info.run_id, "KILLED")
+            closed.append(run.info.run_id)
+    return closed
+
+
+def tracking_is_remote() -> bool:
+    """Whether the tracking URI is a server other machines could reach."""
+    return mlflow.get_tracking_uri().startswith(("http://", "https://", "databricks"))
+
+
+def die_with_parent() -> None:
+    """In a child process (Popen preexec_fn): have Linux send it SIGTERM when the thread
+    that started it dies, so a SIGKILLed sweep leaves no server or cell behind. A no-op
+    where prctl is not available."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def tracking_server(needed: bool):
+    """Yield the tracking URI that concurrent jobs should log to.
+
+    Many processes writing one SQLite file directly fail with "database is locked", so
+    when `needed` and the store is SQLite, a loopback `mlflow server` is started on the
+    same database (artifacts stay where the embedded store puts them, ./mlruns) and this
+    process and its children use it until the block ends. Any other URI is yielded as is.
+    """
+    uri = mlflow.get_tracking_uri()
+    if not needed or not uri.startswith("sqlite:"):
+        yield uri
+        return
+    import shutil
+    import sys
+    import time
+    import urllib.request
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    mlflow_bin = shutil.which("mlflow", path=os.path.dirname(sys.executable)) or "mlflow"
+    log = tempfile.NamedTemporaryFile("w+", prefix="mlflow-server-", suffix=".log", delete=False)
+    proc = subprocess.Popen(
+        [mlflow_bin, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", uri, "--default-artifact-root", os.path.abspath("mlruns"),
+         "--no-serve-artifacts"], stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
+        # Tracking only: the server's background job runner would take CPU from the cells.
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    keep_log = True  # until the server is up: its log explains why it is not
+    try:
+        deadline = time.time() + 120
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                raise RuntimeError(f"the local mlflow server for {uri} exited:\n{log.read()[-3000:]}")
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError(f"the local mlflow server for {uri} did not answer within 120 s "
+                                   f"(its log: {log.name})")
+            time.sleep(0.3)
+        keep_log = False
+        print(f"tracking server {url} (for {uri}; log {log.name})", flush=True)
+        previous = os.environ.get("MLFLOW_TRACKING_URI")
+        os.environ["MLFLOW_TRACKING_URI"] = url
+        mlflow.set_tracking_uri(url)
+        try:
+            yield url
+        finally:
+            mlflow.set_tracking_uri(uri)
+            if previous is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = previous
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        if not keep_log:
+            os.unlink(log.name)

@@ -1,0 +1,262 @@
+"""Sweeps: spec validation, grid expansion, parent/child runs, resume after a kill,
+failing cells, parallel cells on one SQLite store, and the Ray executor.
+
+Every cell is a real `prunetrack prune` process on a tiny synthetic subset (seconds)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from prunetrack import cli, pruning, sweep
+from conftest import REPO
+
+# A cell: a real job, as small as it gets.
+TINY = dict(dataset="synthetic", model="resnet20", post_epochs=1, train_subset=200, test_subset=100,
+            batch_size=100, test_batch_size=100, device="cpu")
+
+
+def write_spec(tmp_path, grid, name="t", base=None, overrides=None, experiment="sweeps") -> str:
+    raw = {"name": name, "experiment": experiment, "base": {**TINY, **(base or {})}, "grid": grid}
+    if overrides:
+        raw["overrides"] = overrides
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return str(path)
+
+
+def runs(experiment="sweeps"):
+    exp = mlflow.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    return mlflow.MlflowClient().search_runs([exp.experiment_id], max_results=1000)
+
+
+def children(experiment="sweeps"):
+    return [r for r in runs(experiment) if "mlflow.parentRunId" in r.data.tags]
+
+
+def parents(experiment="sweeps"):
+    return [r for r in runs(experiment) if r.info.run_name.startswith("sweep-")]
+
+
+# ---------------------------------------------------------------------------- specs
+
+def bad(tmp_path, raw) -> str:
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    with pytest.raises(sweep.SpecError) as e:
+        sweep.load_spec(str(path))
+    return str(e.value)
+
+
+def test_spec_errors_name_the_bad_key(tmp_path):
+    assert "'grdi'" in bad(tmp_path, {"grdi": {"pruner": ["rand"]}})
+    msg = bad(tmp_path, {"base": {"prunner": "mag"}})
+    assert "base" in msg and "'prunner'" in msg and "did you mean 'pruner'" in msg
+    assert "grid.pruner" in bad(tmp_path, {"grid": {"pruner": "mag"}})  # not a list
+    assert "grid.compression" in bad(tmp_path, {"grid": {"compression": [10, "ten"]}})
+    assert "'run_name'" in bad(tmp_path, {"base": {"run_name": "x"}})
+    assert "overrides[0].set" in bad(tmp_path, {"overrides": [{"when": {"pruner": "mag"}, "set": {"pre_epoch": 2}}]})
+    # A value that is only wrong in one cell: the message names the cell, the field and the choices.
+    msg = bad(tmp_path, {"grid": {"pruner": ["rand", "nope"]}})
+    assert "cell pruner=nope" in msg and "unknown pruner 'nope'" in msg and "rand" in msg
+    assert "compression must be >= 1" in bad(tmp_path, {"grid": {"compression": [0.5]}})
+    assert "same configuration" in bad(tmp_path, {"grid": {"seed": [1, 1]}})
+
+
+def test_grid_expands_with_overrides(tmp_path):
+    spec = sweep.load_spec(write_spec(tmp_path, {"pruner": ["rand", "mag"], "compression": [2, 10], "lr": [0.01]},
+                                      overrides=[{"when": {"pruner": "mag"}, "set": {"pre_epochs": 3}}]))
+    assert [c.key for c in spec.cells] == [
+        "pruner=rand,compression=2,lr=0.01", "pruner=rand,compression=10,lr=0.01",
+        "pruner=mag,compression=2,lr=0.01", "pruner=mag,compression=10,lr=0.01"]
+    assert [c.config.train.pre_epochs for c in spec.cells] == [0, 0, 3, 3]
+    assert spec.cells[3].name == "resnet20-mag-10x-s0-lr=0.01"
+    assert spec.cells[3].config.prune.compression == 10.0 and spec.cells[3].config.run.experiment == "sweeps"
+    assert len({c.config_hash for c in spec.cells}) == 4
+    # The cell's command line carries every field, so the job computes the same hash.
+    cmd = sweep.cell_command(spec.cells[2])
+    assert cmd[cmd.index("--pre-epochs") + 1] == "3" and cmd[cmd.index("--pruner") + 1] == "mag"
+
+
+def test_shipped_smoke_spec_plans_its_grid(tmp_path, mlflow_store):
+    result = CliRunner().invoke(cli.cli, ["sweep", os.path.join(REPO, "sweeps", "smoke.yaml"), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "4 cells" in result.output and result.output.count(" run\n") == 4
+    assert runs("prunetrack-smoke") == []  # a dry run creates nothing
+
+
+def test_study_specs_cover_the_study():
+    missing = [p for p in ("rand", "mag", "snip", "grasp", "synflow") if p not in pruning.PRUNERS]
+    if missing:
+        pytest.skip(f"pruners not registered here: {', '.join(missing)}")
+    vgg = sweep.load_spec(os.path.join(REPO, "sweeps", "study_vgg16.yaml"))
+    assert len(vgg.cells) == 30
+    assert {c.config.prune.compression for c in vgg.cells} == {1, 2, 5, 10, 15, 20}
+    assert {c.config.train.pre_epochs for c in vgg.cells if c.config.prune.pruner == "mag"} == {200}
+    assert {c.config.train.pre_epochs for c in vgg.cells if c.config.prune.pruner != "mag"} == {0}
+    resnet = sweep.load_spec(os.path.join(REPO, "sweeps", "study_resnet50.yaml"))
+    assert len(resnet.cells) == 5 and {c.config.model.model for c in resnet.cells} == {"resnet50"}
+
+
+# ---------------------------------------------------------------------------- running sweeps
+
+@pytest.mark.slow
+def test_killed_sweep_resumes_only_missing_cells(tmp_path, mlflow_store):
+    path = write_spec(tmp_path, {"compression": [2, 5, 10]}, name="resume")
+    runs()  # create the store's tables here, not concurrently with the sweep process
+    proc = subprocess.Popen([sys.executable, "-m", "prunetrack", "sweep", path], cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": REPO}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:  # kill the sweep (SIGTERM, as a scheduler or `kill` would) once its first cell finished
+        deadline = time.time() + 300
+        while not any(r.info.status == "FINISHED" for r in children()):
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.time() < deadline, "no cell finished in 300 s"
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    first = [r for r in children() if r.info.status == "FINISHED"]
+    assert len(first) == 1, output
+    assert all(r.info.status != "RUNNING" for r in runs()), "a kill left a run RUNNING"
+    assert [r.info.status for r in parents()] == ["KILLED"]
+
+    summary = sweep.run_sweep(sweep.load_spec(path))
+    assert [r.status for r in summary.results].count("skipped") == 1
+    assert [r.status for r in summary.results].count("finished") == 2
+    finished = [r for r in children() if r.info.status == "FINISHED"]
+    # The grid is full, with one FINISHED run per cell; the first cell did not run again.
+    assert sorted(r.data.tags["cell"] for r in finished) == ["compression=10", "compression=2", "compression=5"]
+    assert first[0].info.run_id in {r.info.run_id for r in finished}
+    parent = next(r for r in parents() if r.info.status == "FINISHED")
+    assert all(r.data.tags["sweep"] == "resume" for r in finished)
+    assert {r.data.tags["mlflow.parentRunId"] for r in finished if r.info.run_id != first[0].info.run_id} == \
+        {parent.info.run_id}
+    assert sorted(r.info.run_name for r in finished) == ["resnet20-rand-10x-s0", "resnet20-rand-2x-s0",
+                                                         "resnet20-rand-5x-s0"]
+    assert parent.data.metrics["cells_skipped"] == 1 and parent.data.metrics["cells_finished"] == 2
+
+    # Once the grid is full, running the sweep again runs nothing.
+    again = sweep.run_sweep(sweep.load_spec(path))
+    assert {r.status for r in again.results} == {"skipped"}
+    assert len([r for r in children() if r.info.status == "FINISHED"]) == 3
+
+
+@pytest.mark.slow
+def test_failing_cell_is_reported_and_others_finish(tmp_path, mlflow_store):
+    # The cifar10 cell cannot find its data and may not download it: it fails at once.
+    path = write_spec(tmp_path, {"dataset": ["synthetic", "cifar10"]}, name="fail",
+                      base={"data_dir": str(tmp_path / "absent"), "download": False})
+    result = CliRunner().invoke(cli.cli, ["sweep", path])
+    assert result.exit_code != 0
+    assert "1 finished, 0 skipped (already finished), 1 failed" in result.output
+    assert "1 of 2 cells failed: dataset=cifar10" in result.output
+    status = {r.data.tags["cell"]: r.info.status for r in children()}
+    assert status == {"dataset=synthetic": "FINISHED", "dataset=cifar10": "FAILED"}
+    failed = next(r for r in children() if r.info.status == "FAILED")
+    assert "error" in failed.data.tags
+    assert [r.info.status for r in parents()] == ["FAILED"]
+
+    # Running it again retries only the failed cell (which fails again, the data still absent).
+    result = CliRunner().invoke(cli.cli, ["sweep", path])
+    assert result.exit_code != 0 and "0 finished, 1 skipped (already finished), 1 failed" in result.output
+
+
+@pytest.mark.slow
+def test_parallel_cells_on_one_sqlite_store(tmp_path, mlflow_store):
+    path = write_spec(tmp_path, {"seed": [0, 1]}, name="par")
+    summary = sweep.run_sweep(sweep.load_spec(path), parallel=2)
+    assert [r.status for r in summary.results] == ["finished", "finished"]
+    assert mlflow.get_tracking_uri() == mlflow_store and os.environ["MLFLOW_TRACKING_URI"] == mlflow_store
+    done = children()
+    assert sorted(r.data.tags["cell"] for r in done) == ["seed=0", "seed=1"]
+    assert all(r.info.status == "FINISHED" for r in done)
+    for r in done:  # artifacts landed in the store's own artifact root, readable without the server
+        assert "config.yaml" in {a.path for a in mlflow.MlflowClient().list_artifacts(r.info.run_id)}
+
+
+@pytest.mark.slow
+def test_ray_executor_runs_two_cells(tmp_path, mlflow_store):
+    ray = pytest.importorskip("ray")
+    path = write_spec(tmp_path, {"compression": [2, 10]}, name="ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}})
+    try:
+        summary = sweep.run_sweep(sweep.load_spec(path), executor="ray")
+    finally:
+        ray.shutdown()
+    assert [r.status for r in summary.results] == ["finished", "finished"]
+    done = children()
+    parent = parents()[0]
+    assert sorted(r.data.tags["cell"] for r in done) == ["compression=10", "compression=2"]
+    assert all(r.info.status == "FINISHED" and r.data.tags["mlflow.parentRunId"] == parent.info.run_id
+               for r in done)
+
+
+def test_parallel_cells_are_pinned_to_distinct_gpus(tmp_path, monkeypatch):
+    """With 2 visible GPUs and 2 cells at a time, every cell gets one GPU of its own:
+    two cells running together never share one. (The cell processes are replaced by a
+    recorder; no GPU is needed.)"""
+    import threading
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    spec = sweep.load_spec(write_spec(tmp_path, {"seed": [0, 1, 2, 3]}))
+    lock, running, seen = threading.Lock(), {}, []
+
+    def fake_cell(command, env, on_line=None, started=None, tie_to_parent=False):
+        with lock:
+            assert env["CUDA_VISIBLE_DEVICES"] not in running.values(), "two running cells share a GPU"
+            running[command[command.index("--seed") + 1]] = env["CUDA_VISIBLE_DEVICES"]
+            seen.append(env["CUDA_VISIBLE_DEVICES"])
+        time.sleep(0.2)
+        with lock:
+            del running[command[command.index("--seed") + 1]]
+        return 0, "", None
+
+    monkeypatch.setattr(sweep, "run_cell_process", fake_cell)
+    envs = {c.key: {} for c in spec.cells}
+    results = list(sweep.run_local(spec.cells, envs, parallel=2, on_start=lambda cell, where: None))
+    assert sorted(r.cell.key for r in results) == ["seed=0", "seed=1", "seed=2", "seed=3"]
+    assert all(r.status == "finished" for r in results)
+    assert sorted(seen) == ["3", "3", "5", "5"]
+
+
+def test_runs_left_running_by_dead_processes_are_closed(tmp_path, mlflow_store, monkeypatch):
+    """A cell process killed outright (OOM killer) and a sweep killed with SIGKILL cannot
+    close their runs; the sweep closes the first at once and the second when run again."""
+    import socket
+
+    path = write_spec(tmp_path, {"seed": [0]}, name="dead")
+    spec = sweep.load_spec(path)
+    client = mlflow.MlflowClient()
+    exp = client.create_experiment("sweeps")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid that no longer exists
+    stale = client.create_run(exp, run_name="sweep-dead", tags={
+        "sweep": "dead", "sweep_host": socket.gethostname(), "sweep_pid": str(gone.pid)})
+    orphan = client.create_run(exp, tags={"mlflow.parentRunId": stale.info.run_id})
+    killed = client.create_run(exp)  # the run of a cell whose process gets SIGKILLed
+
+    def oom_cell(command, env, on_line=None, started=None, tie_to_parent=False):
+        return -9, f"run {killed.info.run_id}: resnet20-rand-10x-s0\nKilled\n", killed.info.run_id
+
+    monkeypatch.setattr(sweep, "run_cell_process", oom_cell)
+    with pytest.raises(sweep.SweepFailed):
+        sweep.run_sweep(spec)
+    assert client.get_run(stale.info.run_id).info.status == "KILLED"
+    assert client.get_run(orphan.info.run_id).info.status == "KILLED"
+    assert client.get_run(killed.info.run_id).info.status == "FAILED"
+    assert "died without closing" in client.get_run(killed.info.run_id).data.tags["error"]
+    assert all(r.info.status != "RUNNING" for r in runs())
