@@ -218,11 +218,11 @@ def layer_quotas(sizes: list[int], k: int, caps: list[int]) -> list[int]:
 def masks_from_scores(scores: dict[str, torch.Tensor], alive: dict[str, torch.Tensor], k: int,
                       scope: str) -> dict[str, torch.Tensor]:
     """Keep exactly k weights among those alive, ranked globally or within each layer."""
-    # Weights pruned in an earlier round can never come back.
-    scores = {n: torch.where(alive[n], s, torch.full_like(s, -math.inf)) for n, s in scores.items()}
     names = list(scores)
     if scope == "global":
         flat = torch.cat([scores[n].reshape(-1) for n in names])
+        # Weights pruned in an earlier round can never come back.
+        flat.masked_fill_(~torch.cat([alive[n].reshape(-1) for n in names]), -math.inf)
         keep = keep_top(flat, k)
         out, offset = {}, 0
         for n in names:
@@ -232,7 +232,7 @@ def masks_from_scores(scores: dict[str, torch.Tensor], alive: dict[str, torch.Te
         return out
     if scope == "local":
         quotas = layer_quotas([scores[n].numel() for n in names], k, [int(alive[n].sum()) for n in names])
-        return {n: keep_top(scores[n], q) for n, q in zip(names, quotas)}
+        return {n: keep_top(scores[n].masked_fill(~alive[n], -math.inf), q) for n, q in zip(names, quotas)}
     raise ValueError(f"unknown scope {scope!r}; choose one of: {', '.join(SCOPES)}")
 
 
