@@ -284,6 +284,8 @@ def prune(model: nn.Module, pruner: str, compression: float, batches: Batches | 
         raise ValueError(f"unknown pruner {pruner!r}; choose one of: {', '.join(PRUNERS)}")
     if not compression >= 1:
         raise ValueError(f"compression must be >= 1 (prunable weights before / after), got {compression}")
+    if iterations < 0:
+        raise ValueError(f"iterations must be >= 0 (0: the pruner's default), got {iterations}")
     score_fn = PRUNERS[pruner]
     rounds = iterations or DEFAULT_ITERATIONS.get(pruner, 1)
     generator = torch.Generator().manual_seed(seed)
@@ -293,7 +295,8 @@ def prune(model: nn.Module, pruner: str, compression: float, batches: Batches | 
     target = round(total / compression)
 
     was_training = model.training
-    saved = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.endswith("weight_mask")}
+    # Everything, masks included, so that a failure part-way leaves the model as it was.
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.eval()
     try:
         for r in range(1, rounds + 1):
@@ -307,7 +310,8 @@ def prune(model: nn.Module, pruner: str, compression: float, batches: Batches | 
             masks = masks_from_scores(ranked, alive, k, scope)
             masking.set_masks(model, masks)
     finally:
-        model.load_state_dict({**model.state_dict(), **saved})
+        model.load_state_dict(saved)
+        model.zero_grad(set_to_none=True)
         model.train(was_training)
     if shuffle:
         masks = shuffle_within_layers(masks, generator)

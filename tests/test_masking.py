@@ -64,6 +64,7 @@ def test_load_masks_from_a_run(mlflow_store):
     from prunetrack import tracking
 
     masks = random_masks(small_net())
+    mlflow.set_experiment("masks")  # in this test's fresh store, whatever an earlier test selected
     with mlflow.start_run() as run:
         tracking.log_masks(masks)
     loaded = load_masks(f"runs:/{run.info.run_id}")

@@ -343,6 +343,24 @@ def test_scoring_leaves_the_model_untouched(pruner):
             assert torch.equal(v, before[k]), k
 
 
+def test_a_failing_round_leaves_the_model_as_it_was(monkeypatch):
+    model = masking.add_masks(tiny_net())
+    before = copy.deepcopy(model.state_dict())
+    calls = []
+
+    def fails_in_round_two(m, b, g):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory")
+        return pruning.magnitude_scores(m, b, g)
+
+    monkeypatch.setitem(pruning.PRUNERS, "mag", fails_in_round_two)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        pruning.prune(model, "mag", 10, iterations=3)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # masks too
+    assert model.training
+
+
 def test_schedules():
     assert pruning.density_at(1, 2, 100, "exponential") == pytest.approx(0.1)
     assert pruning.density_at(2, 2, 100, "exponential") == pytest.approx(0.01)
@@ -441,6 +459,8 @@ def test_bad_arguments_are_named():
         pruning.prune(tiny_net(), "obd", 2)
     with pytest.raises(ValueError, match="compression must be >= 1"):
         pruning.prune(tiny_net(), "mag", 0.5)
+    with pytest.raises(ValueError, match="iterations must be >= 0"):
+        pruning.prune(tiny_net(), "mag", 2, iterations=-1)
     with pytest.raises(ValueError, match="unknown scope 'layer'"):
         pruning.prune(tiny_net(), "mag", 2, scope="layer")
 
