@@ -276,9 +276,11 @@ def prune(model: nn.Module, pruner: str, compression: float, batches: Batches | 
     """Score and mask `model` in place so that round(total / compression) prunable
     weights survive. Returns the masks, also installed as each layer's `weight_mask`.
 
-    Scoring runs in eval mode with gradients cleared before each round; afterwards the
-    weights, buffers (BatchNorm statistics) and training mode are restored, and the
-    pruned weights zeroed.
+    Scoring runs in eval mode for every pruner (BatchNorm uses its running statistics,
+    as in the Synaptic-Flow reference code), with gradients cleared before and after
+    each round; afterwards the weights, buffers (BatchNorm statistics) and training
+    mode are restored, and the pruned weights zeroed. Each round keeps
+    round(total * density) weights, the density falling on `schedule` to 1/compression.
     """
     if pruner not in PRUNERS:
         raise ValueError(f"unknown pruner {pruner!r}; choose one of: {', '.join(PRUNERS)}")
