@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import platform
 import random
+import sys
 import time
 
 import mlflow
@@ -110,14 +111,14 @@ def run_job(cfg: JobConfig) -> str:
         _sync(device)
         pruning_time = time.perf_counter() - start
         if p.reinit:  # ablation: same masks, fresh weights
-            torch.manual_seed(cfg.run.seed + 1)
-            model.reset_parameters()
-            masking.apply_masks(model)
+            pruning.reinitialize(model, cfg.run.seed + 1)
         prunable, remaining = masking.count(model)
         print(f"pruned with {p.pruner} in {pruning_time:.2f}s: {remaining}/{prunable} prunable weights kept "
               f"(density {remaining / prunable:.4f})", flush=True)
-        if result.collapsed:
-            tracking.log_tags({"layer_collapse": ",".join(result.collapsed)})
+        if result.collapsed:  # a known failure mode: visible in the run, not only in a log
+            warning = pruning.collapse_message(result.collapsed)
+            tracking.log_tags({"layer_collapse": ",".join(result.collapsed), "warning": warning})
+            print(f"WARNING: {warning}", file=sys.stderr, flush=True)
         tracking.log_dict(result.score_summary, "score_summary.json")
         tracking.log_masks(result.masks)
         init_weights = measure.surviving_weights(model)  # what training starts from, for the histograms

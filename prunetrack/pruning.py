@@ -1,18 +1,24 @@
 """Pruners and the pruning engine.
 
-A pruner is a scoring function: `score(model, batches) -> {layer name: scores}`, one
-score per prunable weight, higher meaning more worth keeping. The engine (`prune`)
+A pruner is a scoring function: `score(model, batches, generator) -> {layer name: scores}`,
+one score per prunable weight, higher meaning more worth keeping. It sees the model in
+eval mode with the current masks installed (pruned weights are zero) and gradients
+cleared, and must not change the model; scoring functions take gradients with
+`torch.autograd.grad` so that no `.grad` is left behind. The engine (`prune`)
 does everything else the same way for every pruner: rounds on a schedule, global or
 per-layer ranking with exactly round(total / compression) survivors, the ablations,
 and leaving the model as it found it apart from the mask.
 """
 from __future__ import annotations
 
+import copy
+import itertools
 import math
 import warnings
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from prunetrack import masking
@@ -33,10 +39,114 @@ def magnitude_scores(model: nn.Module, batches: Batches, generator: torch.Genera
     return {name: m.weight.detach().abs().clone() for name, m in masking.prunable_layers(model).items()}
 
 
+def _weights(model: nn.Module) -> tuple[list[str], list[torch.Tensor]]:
+    layers = masking.prunable_layers(model)
+    return list(layers), [m.weight for m in layers.values()]
+
+
+def _require_data(batches: Batches | None, pruner: str) -> tuple[Batches, int]:
+    """The pruning batches and their total number of examples; a clear error without them."""
+    if not batches:
+        raise ValueError(f"pruner {pruner!r} scores with data: pass pruning batches "
+                         f"(a list of (inputs, labels)); only rand, mag and synflow are data-free")
+    return batches, sum(len(y) for _, y in batches)
+
+
+def _grad(output: torch.Tensor, weights: list[torch.Tensor], create_graph: bool = False) -> list[torch.Tensor]:
+    """d output / d weights, with zeros (not None) for a weight the output does not reach."""
+    grads = torch.autograd.grad(output, weights, create_graph=create_graph, allow_unused=True)
+    return [torch.zeros_like(w) if g is None else g for g, w in zip(grads, weights)]
+
+
+def _loss_gradient(model: nn.Module, batches: Batches, n: int, weights: list[torch.Tensor],
+                   temperature: float = 1.0) -> list[torch.Tensor]:
+    """Gradient of the mean cross-entropy over all pruning examples (logits divided by
+    `temperature`), accumulated batch by batch. Summing per-example losses and dividing by
+    the example count makes it the gradient of one loss over the whole pruning set, as in
+    the papers, however the set is split into batches."""
+    total = [torch.zeros_like(w) for w in weights]
+    for x, y in batches:
+        loss = F.cross_entropy(model(x) / temperature, y, reduction="sum") / n
+        for acc, g in zip(total, _grad(loss, weights)):
+            acc += g
+    return total
+
+
+def snip_scores(model: nn.Module, batches: Batches, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """SNIP (Lee et al. 2019): connection sensitivity |dL/dw * w|.
+
+    The paper differentiates the loss with respect to a multiplicative mask c at c = 1;
+    since w * c is what the layer sees, dL/dc = dL/dw * w. L is the mean cross-entropy
+    over the whole pruning set. (The paper also divides by the sum of all scores, which
+    does not change the ranking.)"""
+    batches, n = _require_data(batches, "snip")
+    names, weights = _weights(model)
+    grads = _loss_gradient(model, batches, n, weights)
+    return {name: (g * w).detach().abs() for name, g, w in zip(names, grads, weights)}
+
+
+# Softmax temperature of GraSP's loss (Wang et al. 2020, and its reference code).
+GRASP_TEMPERATURE = 200.0
+
+
+def grasp_scores(model: nn.Module, batches: Batches, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """GraSP (Wang et al. 2020): the Hessian-gradient product, sign convention below.
+
+    With L the mean cross-entropy of logits / 200 over the pruning set, g = dL/dw and
+    H = d^2L/dw^2 (both over the prunable weights only), removing w changes the gradient
+    norm g^T g by about -2 w * (Hg). The paper's score is S = -w * (Hg) and it removes
+    the weights with the highest S, i.e. those whose removal reduces gradient flow least
+    (or increases it). We return `w * (Hg)` = -S and, as for every pruner here, keep the
+    highest: the same ranking as the original code. Hg is computed by double backward:
+    Hg = d/dw (g_detached . dL/dw)."""
+    batches, n = _require_data(batches, "grasp")
+    names, weights = _weights(model)
+    g = [t.detach() for t in _loss_gradient(model, batches, n, weights, GRASP_TEMPERATURE)]
+    hg = [torch.zeros_like(w) for w in weights]
+    for x, y in batches:
+        loss = F.cross_entropy(model(x) / GRASP_TEMPERATURE, y, reduction="sum") / n
+        grads = _grad(loss, weights, create_graph=True)
+        z = sum((gi * fi).sum() for gi, fi in zip(g, grads))
+        for acc, h in zip(hg, _grad(z, weights)):
+            acc += h
+    return {name: (w.detach() * h).detach() for name, w, h in zip(names, weights, hg)}
+
+
+def synflow_input_shape(batches: Batches | None) -> tuple[int, ...]:
+    """One example of the data's shape (from the pruning batches when given)."""
+    if batches:
+        return (1, *batches[0][0].shape[1:])
+    return (1, 3, 32, 32)
+
+
+def synflow_scores(model: nn.Module, batches: Batches | None, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """SynFlow (Tanaka et al. 2020): |dR/dθ * θ| with R = 1^T (prod_l |θ_l|) 1.
+
+    Data-free: R is the summed output of the linearized network, every floating-point
+    parameter and buffer (BatchNorm statistics included) replaced by its absolute value,
+    in eval mode, on an all-ones input of the data's shape. Only that shape is taken from
+    `batches`, so the scores do not depend on the data. It runs on a float64 copy: in
+    float32 R overflows on deep networks such as ResNet-50, and working on a copy leaves
+    the caller's model (signs included) exactly as it was."""
+    net = copy.deepcopy(model).double().eval()
+    with torch.no_grad():
+        for t in itertools.chain(net.parameters(), net.buffers()):
+            if t.is_floating_point():
+                t.abs_()
+    names, weights = _weights(net)
+    x = torch.ones(synflow_input_shape(batches), dtype=torch.float64, device=weights[0].device)
+    r = net(x).sum()
+    grads = _grad(r, weights)
+    return {name: (g * w).detach().abs() for name, g, w in zip(names, grads, weights)}
+
+
 # The registry of named choices: name -> scoring function.
 PRUNERS = {
     "rand": random_scores,
     "mag": magnitude_scores,
+    "snip": snip_scores,
+    "grasp": grasp_scores,
+    "synflow": synflow_scores,
 }
 # Rounds of score-then-mask when `iterations` is 0.
 DEFAULT_ITERATIONS = {"synflow": 100}
@@ -78,32 +188,41 @@ def layer_quotas(sizes: list[int], k: int, caps: list[int]) -> list[int]:
     """Split k survivors over layers in proportion to their sizes (largest remainder),
     so every layer gets the same density up to rounding and the total is exactly k.
     No layer gets more than its cap (its surviving weights); any excess moves to the
-    layers that have room."""
+    layers that still have room."""
+    if k > sum(caps):
+        raise ValueError(f"cannot keep {k} weights: only {sum(caps)} survive")
     total = sum(sizes)
     exact = [s * k / total for s in sizes]
     quota = [min(math.floor(e), c) for e, c in zip(exact, caps)]
-    by_remainder = sorted(range(len(sizes)), key=lambda i: exact[i] - math.floor(exact[i]), reverse=True)
-    while sum(quota) < k:
-        progressed = False
-        for i in by_remainder:
-            if sum(quota) == k:
+    left = k - sum(quota)
+    # One more for the largest remainders, as in Hamilton's apportionment.
+    for i in sorted(range(len(sizes)), key=lambda i: exact[i] - math.floor(exact[i]), reverse=True):
+        if left == 0:
+            break
+        if quota[i] < caps[i] and quota[i] < exact[i]:
+            quota[i] += 1
+            left -= 1
+    # What capped layers could not take, spread evenly over the layers with room.
+    while left:
+        room = [i for i in range(len(sizes)) if quota[i] < caps[i]]
+        share = max(1, left // len(room))
+        for i in room:
+            add = min(share, caps[i] - quota[i], left)
+            quota[i] += add
+            left -= add
+            if left == 0:
                 break
-            if quota[i] < caps[i]:
-                quota[i] += 1
-                progressed = True
-        if not progressed:
-            raise ValueError(f"cannot keep {k} weights: only {sum(caps)} survive")
     return quota
 
 
 def masks_from_scores(scores: dict[str, torch.Tensor], alive: dict[str, torch.Tensor], k: int,
                       scope: str) -> dict[str, torch.Tensor]:
     """Keep exactly k weights among those alive, ranked globally or within each layer."""
-    # Weights pruned in an earlier round can never come back.
-    scores = {n: torch.where(alive[n], s, torch.full_like(s, -math.inf)) for n, s in scores.items()}
     names = list(scores)
     if scope == "global":
         flat = torch.cat([scores[n].reshape(-1) for n in names])
+        # Weights pruned in an earlier round can never come back.
+        flat.masked_fill_(~torch.cat([alive[n].reshape(-1) for n in names]), -math.inf)
         keep = keep_top(flat, k)
         out, offset = {}, 0
         for n in names:
@@ -113,7 +232,7 @@ def masks_from_scores(scores: dict[str, torch.Tensor], alive: dict[str, torch.Te
         return out
     if scope == "local":
         quotas = layer_quotas([scores[n].numel() for n in names], k, [int(alive[n].sum()) for n in names])
-        return {n: keep_top(scores[n], q) for n, q in zip(names, quotas)}
+        return {n: keep_top(scores[n].masked_fill(~alive[n], -math.inf), q) for n, q in zip(names, quotas)}
     raise ValueError(f"unknown scope {scope!r}; choose one of: {', '.join(SCOPES)}")
 
 
@@ -126,13 +245,27 @@ def shuffle_within_layers(masks: dict[str, torch.Tensor], generator: torch.Gener
     return out
 
 
+def reinitialize(model: nn.Module, seed: int) -> None:
+    """Ablation: draw fresh weights (the model's own initialization, seeded) and keep
+    the masks, so the pruned weights are zero again."""
+    torch.manual_seed(seed)
+    if hasattr(model, "reset_parameters"):
+        model.reset_parameters()
+    else:
+        for m in model.modules():
+            if m is not model and hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+    masking.apply_masks(model)
+
+
 # ---------------------------------------------------------------------------- the engine
 
 @dataclass
 class PruneResult:
     masks: dict[str, torch.Tensor]
     rounds: int
-    # Per layer: mean score and sum of the kept weights' scores, from the last round.
+    # Per layer: mean score and sum of the kept weights' scores, from the last round
+    # (the pruner's own scores, before any inversion).
     score_summary: dict[str, dict[str, float]] = field(default_factory=dict)
     collapsed: list[str] = field(default_factory=list)  # layers with no surviving weight
 
@@ -143,14 +276,18 @@ def prune(model: nn.Module, pruner: str, compression: float, batches: Batches | 
     """Score and mask `model` in place so that round(total / compression) prunable
     weights survive. Returns the masks, also installed as each layer's `weight_mask`.
 
-    Scoring runs in eval mode with gradients cleared before each round; afterwards the
-    weights, buffers (BatchNorm statistics) and training mode are restored, and the
-    pruned weights zeroed.
+    Scoring runs in eval mode for every pruner (BatchNorm uses its running statistics,
+    as in the Synaptic-Flow reference code), with gradients cleared before and after
+    each round; afterwards the weights, buffers (BatchNorm statistics) and training
+    mode are restored, and the pruned weights zeroed. Each round keeps
+    round(total * density) weights, the density falling on `schedule` to 1/compression.
     """
     if pruner not in PRUNERS:
         raise ValueError(f"unknown pruner {pruner!r}; choose one of: {', '.join(PRUNERS)}")
     if not compression >= 1:
         raise ValueError(f"compression must be >= 1 (prunable weights before / after), got {compression}")
+    if iterations < 0:
+        raise ValueError(f"iterations must be >= 0 (0: the pruner's default), got {iterations}")
     score_fn = PRUNERS[pruner]
     rounds = iterations or DEFAULT_ITERATIONS.get(pruner, 1)
     generator = torch.Generator().manual_seed(seed)
@@ -160,7 +297,8 @@ def prune(model: nn.Module, pruner: str, compression: float, batches: Batches | 
     target = round(total / compression)
 
     was_training = model.training
-    saved = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.endswith("weight_mask")}
+    # Everything, masks included, so that a failure part-way leaves the model as it was.
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.eval()
     try:
         for r in range(1, rounds + 1):
@@ -168,13 +306,14 @@ def prune(model: nn.Module, pruner: str, compression: float, batches: Batches | 
             model.zero_grad(set_to_none=True)
             scores = {n: s.detach() for n, s in score_fn(model, batches, generator).items()}
             model.zero_grad(set_to_none=True)
-            if invert:
-                scores = {n: -s for n, s in scores.items()}
             alive = masking.get_masks(model)
-            masks = masks_from_scores(scores, alive, k, scope)
+            _check_finite(scores, alive, pruner)
+            ranked = {n: -s for n, s in scores.items()} if invert else scores
+            masks = masks_from_scores(ranked, alive, k, scope)
             masking.set_masks(model, masks)
     finally:
-        model.load_state_dict({**model.state_dict(), **saved})
+        model.load_state_dict(saved)
+        model.zero_grad(set_to_none=True)
         model.train(was_training)
     if shuffle:
         masks = shuffle_within_layers(masks, generator)
@@ -184,5 +323,20 @@ def prune(model: nn.Module, pruner: str, compression: float, batches: Batches | 
                    "kept_sum": float(scores[n].double()[masks[n]].sum())} for n in masks}
     collapsed = [n for n, m in masks.items() if not m.any()]
     if collapsed:
-        warnings.warn(f"layer collapse: no weight survives in {', '.join(collapsed)}", RuntimeWarning)
+        warnings.warn(collapse_message(collapsed), RuntimeWarning, stacklevel=2)
     return PruneResult(masks, rounds, summary, collapsed)
+
+
+def collapse_message(collapsed: list[str]) -> str:
+    return (f"layer collapse: no weight survives in {len(collapsed)} layer(s) ({', '.join(collapsed)}); "
+            f"the network can no longer pass signal through them")
+
+
+def _check_finite(scores: dict[str, torch.Tensor], alive: dict[str, torch.Tensor], pruner: str) -> None:
+    """A NaN or inf score would make the ranking meaningless; fail loudly instead."""
+    for n, s in scores.items():
+        if s.shape != alive[n].shape:
+            raise ValueError(f"pruner {pruner!r} gave scores of shape {tuple(s.shape)} for {n}, "
+                             f"whose weight has shape {tuple(alive[n].shape)}")
+        if not torch.isfinite(s[alive[n]]).all():
+            raise FloatingPointError(f"pruner {pruner!r} produced NaN or infinite scores in layer {n}")
