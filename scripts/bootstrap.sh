@@ -9,7 +9,7 @@ PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
-.venv/bin/pip install --quiet -c constraints.txt -e ".[test]"
+.venv/bin/pip install --quiet -c constraints.txt -e ".[test,ray]"
 
 OFFLINE_COPY=../shared/data/cifar10_jpeg.py
 if [ ! -f data/cifar-10-batches-py/test_batch ] && [ -f "$OFFLINE_COPY" ]; then

@@ -35,13 +35,23 @@ def mlflow_store(tmp_path, monkeypatch):
     for var in _MLFLOW_RUN_CONTEXT:
         monkeypatch.delenv(var, raising=False)
     mlflow.set_tracking_uri(uri)
+    _forget_active_experiment()
     yield uri
     while mlflow.active_run():
         mlflow.end_run()
     mlflow.set_tracking_uri(None)
+    _forget_active_experiment()
     # mlflow.set_experiment exports the experiment id for child processes: do not leak it.
     for var in _MLFLOW_RUN_CONTEXT:
         os.environ.pop(var, None)
+
+
+def _forget_active_experiment():
+    """mlflow.set_experiment remembers the experiment id in-process; a fresh store
+    has no such experiment, so every test starts without one."""
+    import mlflow.tracking.fluent as fluent
+
+    fluent._active_experiment_id = None
 
 
 _MLFLOW_RUN_CONTEXT = ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID")
