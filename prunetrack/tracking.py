@@ -245,6 +245,55 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
+def mlflow_server(backend_store_uri: str, artifact_args: list[str], env: dict | None = None):
+    """Run a real `mlflow server` on a free loopback port, yield its URL once it answers
+    /health, and stop it when the block ends. Its log is kept (and named in the error)
+    only when it fails to start."""
+    import shutil
+    import sys
+    import time
+    import urllib.request
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    mlflow_bin = shutil.which("mlflow", path=os.path.dirname(sys.executable)) or "mlflow"
+    log = tempfile.NamedTemporaryFile("w+", prefix="mlflow-server-", suffix=".log", delete=False)
+    proc = subprocess.Popen(
+        [mlflow_bin, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", backend_store_uri, *artifact_args],
+        stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent, env={**os.environ, **(env or {})})
+    keep_log = True  # until the server is up: its log explains why it is not
+    try:
+        deadline = time.time() + 120
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                raise RuntimeError(f"the mlflow server for {backend_store_uri} exited:\n{log.read()[-3000:]}")
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError(f"the mlflow server for {backend_store_uri} did not answer within 120 s "
+                                   f"(its log: {log.name})")
+            time.sleep(0.3)
+        keep_log = False
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        if not keep_log:
+            os.unlink(log.name)
+
+
+@contextlib.contextmanager
 def tracking_server(needed: bool):
     """Yield the tracking URI that concurrent jobs should log to.
 
@@ -257,40 +306,10 @@ def tracking_server(needed: bool):
     if not needed or not uri.startswith("sqlite:"):
         yield uri
         return
-    import shutil
-    import sys
-    import time
-    import urllib.request
-
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    mlflow_bin = shutil.which("mlflow", path=os.path.dirname(sys.executable)) or "mlflow"
-    log = tempfile.NamedTemporaryFile("w+", prefix="mlflow-server-", suffix=".log", delete=False)
-    proc = subprocess.Popen(
-        [mlflow_bin, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", uri, "--default-artifact-root", os.path.abspath("mlruns"),
-         "--no-serve-artifacts"], stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
-        # Tracking only: the server's background job runner would take CPU from the cells.
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
-    keep_log = True  # until the server is up: its log explains why it is not
-    try:
-        deadline = time.time() + 120
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                raise RuntimeError(f"the local mlflow server for {uri} exited:\n{log.read()[-3000:]}")
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError(f"the local mlflow server for {uri} did not answer within 120 s "
-                                   f"(its log: {log.name})")
-            time.sleep(0.3)
-        keep_log = False
-        print(f"tracking server {url} (for {uri}; log {log.name})", flush=True)
+    # Tracking only: the server's background job runner would take CPU from the cells.
+    with mlflow_server(uri, ["--default-artifact-root", os.path.abspath("mlruns"), "--no-serve-artifacts"],
+                       env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}) as url:
+        print(f"tracking server {url} (for {uri})", flush=True)
         previous = os.environ.get("MLFLOW_TRACKING_URI")
         os.environ["MLFLOW_TRACKING_URI"] = url
         mlflow.set_tracking_uri(url)
@@ -302,13 +321,3 @@ def tracking_server(needed: bool):
                 os.environ.pop("MLFLOW_TRACKING_URI", None)
             else:
                 os.environ["MLFLOW_TRACKING_URI"] = previous
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-        if not keep_log:
-            os.unlink(log.name)

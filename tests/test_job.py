@@ -126,3 +126,19 @@ def test_mlflow_run_bad_input_fails_the_run_with_the_reason(mlflow_store, tmp_pa
     assert "prune-everything" in out.stderr and "'rand'" in out.stderr
     run = _only_run()
     assert run.info.status == "FAILED" and "prune-everything" in run.data.tags["error"]
+
+
+@pytest.mark.slow
+def test_job_on_the_shared_cifar10_copy(mlflow_store, cifar10_dir):
+    """The real data path: the official layout written from the offline copy, read,
+    checksummed, pruned with SNIP on real images, trained, logged."""
+    run_id = run_job(JobConfig.from_flat({**SMOKE, "dataset": "cifar10", "data_dir": cifar10_dir,
+                                          "download": False, "pruner": "snip", "compression": 5,
+                                          "train_subset": 1000, "test_subset": 500}))
+    run = mlflow.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["train_examples"] == "1000" and run.data.tags["test_examples"] == "500"
+    assert len(run.data.tags["dataset_sha256"]) == 64
+    m = run.data.metrics
+    assert m["params_remaining"] == round(m["params_prunable"] / 5)
+    assert m["flops_effective"] < m["flops_dense"]
