@@ -107,3 +107,13 @@ def test_pruning_batches_refuse_too_many_per_class():
     ds = data.load("synthetic", train_subset=20)
     with pytest.raises(ValueError, match="prune_per_class=5"):
         data.pruning_batches(ds, per_class=5, batch_size=8, seed=0)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_normalize_matches_to_tensor_then_normalize(channels_last):
+    x = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    mean, std = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
+    expected = (x.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    out = data.normalize(x, mean, std, channels_last)
+    assert torch.allclose(out, expected, atol=1e-5)
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
