@@ -22,19 +22,13 @@ import argparse
 import copy
 import platform
 import resource
-import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 from torch.nn.utils import prune as tprune
 
-from prunetrack import data, masking, models, pruning, training
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from prunetrack import data, masking, measure, models, pruning, training
 
 
 def peak_memory_mb(device) -> float:
@@ -119,13 +113,13 @@ def images_per_second(step, batches, steps: int, warmup: int, device) -> float:
     for _ in range(warmup):
         x, y = next_batch()
         step(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-    sync(device)
+    measure.device_sync(device)()
     start, seen = time.perf_counter(), 0
     for _ in range(steps):
         x, y = next_batch()
         step(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
         seen += len(y)
-    sync(device)
+    measure.device_sync(device)()
     return seen / (time.perf_counter() - start)
 
 
@@ -249,10 +243,10 @@ def main():
             torch.manual_seed(0)
             model = masking.add_masks(models.get_model(model_name)).to(device)
             reset_peak(device)
-            sync(device)
+            measure.device_sync(device)()
             start = time.perf_counter()
             result = pruning.prune(model, pruner, args.compression, batches, iterations=args.prune_iterations)
-            sync(device)
+            measure.device_sync(device)()
             rows.append([model_name, pruner, result.rounds, f"{time.perf_counter() - start:.2f}",
                          f"{peak_memory_mb(device):,.0f}"])
     table(f"Pruning to {args.compression:g}x", ["model", "pruner", "rounds", "seconds",

@@ -2,7 +2,6 @@
 through files and MLflow runs."""
 from __future__ import annotations
 
-import io
 
 import pytest
 import torch

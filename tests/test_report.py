@@ -10,7 +10,6 @@ import time
 
 import matplotlib.image
 import mlflow
-import numpy as np
 import pytest
 import yaml
 from click.testing import CliRunner
