@@ -7,7 +7,7 @@ ToTensor, Normalize), masked layers recomputing weight * mask on every forward
 (torch.nn.utils.prune), float32, default memory layout.
 
 prunetrack: the dataset resident on the device as uint8, batched augmentation there,
-masks applied once after each optimizer step, channels-last and bf16 autocast on CUDA,
+masks applied once after each optimizer step, channels-last, bf16 autocast on CUDA,
 optionally torch.compile.
 
     python benchmarks/throughput.py                        # CPU or the first GPU
@@ -22,6 +22,7 @@ import argparse
 import copy
 import platform
 import resource
+import statistics
 import time
 
 import torch
@@ -125,7 +126,6 @@ def images_per_second(step, batches, steps: int, warmup: int, device) -> float:
 
 def train_step_fn(model, precision, device, reapply_masks: bool):
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    model.train()
 
     def step(x, y):
         with training.autocast(precision, device):
@@ -140,8 +140,6 @@ def train_step_fn(model, precision, device, reapply_masks: bool):
 
 
 def eval_step_fn(model, precision, device):
-    model.eval()
-
     @torch.no_grad()
     def step(x, y):
         with training.autocast(precision, device):
@@ -168,6 +166,8 @@ def main():
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--steps", type=int, default=0, help="timed steps (default: 50 on CUDA, 3 on CPU)")
     ap.add_argument("--warmup", type=int, default=0, help="untimed steps first (default: 10 on CUDA, 1 on CPU)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="alternating rounds of training/evaluation timing per pipeline; the median is shown")
     ap.add_argument("--workers", type=int, default=-1, help="reference DataLoader workers (default: CPUs, max 8)")
     ap.add_argument("--compile", action="store_true", help="also time prunetrack with torch.compile")
     ap.add_argument("--pruners", default=",".join(pruning.PRUNERS))
@@ -181,27 +181,34 @@ def main():
     cuda = device.type == "cuda"
     steps = args.steps or (50 if cuda else 3)
     warmup = args.warmup or (10 if cuda else 1)
+    rounds = max(1, args.rounds)
     workers = args.workers if args.workers >= 0 else min(8, len(__import__("os").sched_getaffinity(0)))
     precision = "auto"
     bs = args.batch_size
-    n_train = bs * (max(steps, 20) + warmup + 1)
+    n_train = bs * (max(steps, 100) + warmup + 1)
     ds = load_images(args.data_dir, min(50000, n_train), min(10000, bs * (steps + warmup)))
     name = torch.cuda.get_device_name(device) if cuda else f"CPU {platform.processor() or platform.machine()}"
     print(f"device: {name}; torch {torch.__version__}; batch {bs}; {steps} timed steps after {warmup}; "
           f"data: {ds.name}; reference DataLoader workers: {workers}; "
-          f"prunetrack precision: {'bf16 autocast' if cuda else 'fp32'}, channels-last: {cuda}")
+          f"prunetrack precision: {'bf16 autocast' if cuda else 'fp32'}, channels-last")
 
     # 1. The data path alone: augmented, normalized batches on the device.
     gen = torch.Generator(device=device).manual_seed(0)
     on_device = ds.train_x.to(device), ds.train_y.to(device)
-    ours = data.Batches(*on_device, bs, ds.mean, ds.std, train=True, generator=gen, channels_last=cuda)
+    ours = data.Batches(*on_device, bs, ds.mean, ds.std, train=True, generator=gen, channels_last=True)
     ref = reference_loader(ds, bs, True, workers, device)
-    # Cheap per batch, so timed over more batches than the training steps for a steadier rate.
-    data_steps = max(steps, 20)
-    rates = [images_per_second(lambda x, y: None, b, data_steps, warmup, device) for b in (ours, ref)]
-    table(f"Data path (augmented training batches on the device, {data_steps} batches), images/s",
-          ["pipeline", "images/s"], [["prunetrack", f"{rates[0]:,.0f}"], ["reference", f"{rates[1]:,.0f}"],
-                                     ["ratio", f"{rates[0] / rates[1]:.1f}x"]])
+    # Cheap per batch, so timed over more batches than the training steps for a steadier
+    # rate, and in alternating rounds like the training numbers below.
+    data_steps = max(steps, 100)
+    rates = {"prunetrack": [], "reference": []}
+    for _ in range(rounds):
+        for label, batches in (("prunetrack", ours), ("reference", ref)):
+            rates[label].append(images_per_second(lambda x, y: None, batches, data_steps, warmup, device))
+    ours_rate, ref_rate = statistics.median(rates["prunetrack"]), statistics.median(rates["reference"])
+    table(f"Data path (augmented training batches on the device, {data_steps} batches, median of {rounds} "
+          "alternating round(s)), images/s",
+          ["pipeline", "images/s"], [["prunetrack", f"{ours_rate:,.0f}"], ["reference", f"{ref_rate:,.0f}"],
+                                     ["ratio", f"{ours_rate / ref_rate:.1f}x"]])
 
     # 2. Training and evaluation throughput, 10x-pruned (random masks) networks.
     rows = []
@@ -210,27 +217,40 @@ def main():
         model = masking.add_masks(models.get_model(model_name)).to(device)
         pruning.prune(model, "rand", args.compression)
         ref_model = reference_model(model)
-        if cuda:
-            model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=torch.channels_last)
         variants = [("prunetrack", model, ours, precision, True)]
         if args.compile:
             variants.append(("prunetrack+compile", torch.compile(model), ours, precision, True))
         variants.append(("reference", ref_model, ref, "fp32", False))
-        results = {}
-        for label, net, batches, prec, reapply in variants:
-            reset_peak(device)
-            train = images_per_second(train_step_fn(net, prec, device, reapply), batches, steps, warmup, device)
-            test_batches = (data.Batches(ds.test_x.to(device), ds.test_y.to(device), bs, ds.mean, ds.std,
-                                         channels_last=cuda) if batches is ours
-                            else reference_loader(ds, bs, False, workers, device))
-            evals = images_per_second(eval_step_fn(net, prec, device), test_batches, steps, warmup, device)
-            results[label] = (train, evals, peak_memory_mb(device))
-            rows.append([model_name, label, f"{train:,.0f}", f"{evals:,.0f}", f"{results[label][2]:,.0f}"])
+        # Rounds alternate the pipelines (A B A B ...) so that drift in clock speed or
+        # background load hits both alike; each pipeline's number is its median round.
+        test_ours = data.Batches(ds.test_x.to(device), ds.test_y.to(device), bs, ds.mean, ds.std,
+                                 channels_last=True)
+        test_ref = reference_loader(ds, bs, False, workers, device)
+        runners = {label: (net, train_step_fn(net, prec, device, reapply), eval_step_fn(net, prec, device),
+                           batches, test_ours if batches is ours else test_ref)
+                   for label, net, batches, prec, reapply in variants}
+        samples = {label: ([], [], []) for label in runners}
+        for _ in range(rounds):
+            for label, (net, train_step, eval_step, batches, test_batches) in runners.items():
+                reset_peak(device)
+                net.train()
+                samples[label][0].append(images_per_second(train_step, batches, steps, warmup, device))
+                net.eval()
+                samples[label][1].append(images_per_second(eval_step, test_batches, steps, warmup, device))
+                samples[label][2].append(peak_memory_mb(device))
+        results = {label: (statistics.median(t), statistics.median(e), max(m)) for label, (t, e, m) in samples.items()}
+        for label, (train, evals, peak) in results.items():
+            spread = (f" ({min(samples[label][0]):,.0f}-{max(samples[label][0]):,.0f})" if rounds > 1 else "")
+            rows.append([model_name, label, f"{train:,.0f}{spread}", f"{evals:,.0f}", f"{peak:,.0f}"])
         base = results["reference"]
         for label, (train, evals, _) in results.items():
             if label != "reference":
-                rows.append([model_name, f"{label} / reference", f"{train / base[0]:.1f}x", f"{evals / base[1]:.1f}x", ""])
-    table(f"Training and evaluation, {args.compression:g}x pruned, batch {bs}, images/s",
+                per_round = ", ".join(f"{a / b:.2f}" for a, b in zip(samples[label][0], samples["reference"][0]))
+                rows.append([model_name, f"{label} / reference", f"{train / base[0]:.2f}x"
+                             + (f" (rounds: {per_round})" if rounds > 1 else ""), f"{evals / base[1]:.2f}x", ""])
+    table(f"Training and evaluation, {args.compression:g}x pruned, batch {bs}, images/s "
+          f"(median of {rounds} alternating round(s){'; train range in brackets' if rounds > 1 else ''})",
           ["model", "pipeline", "train img/s", "eval img/s",
            "peak GPU MB" if cuda else "peak RSS MB (process, so far)"], rows)
 

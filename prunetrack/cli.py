@@ -1,4 +1,4 @@
-"""The command line: `prunetrack prune|sweep|report` (Click), also what MLproject calls.
+"""The command line: `prunetrack prune|sweep|report|export|import` (Click), also what MLproject calls.
 
 `prune`'s options are generated from the configuration dataclasses
 (`prunetrack.config`), so `--help` always lists every hyperparameter with its default.
@@ -141,6 +141,49 @@ def sweep(spec, parallel, executor, ray_address, dry_run):
                          echo=lambda line: click.echo(line))
     except sweeps.SweepFailed as e:
         raise click.ClickException(str(e)) from None
+
+
+@cli.command("export")
+@click.option("--experiment", required=True, help="MLflow experiment whose runs are exported.")
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False),
+              help="File to write: JSON lines, gzip-compressed when the name ends in .gz.")
+def export_cmd(experiment, output):
+    """Export an experiment's runs compactly: params, tags, metric histories and the
+    per-layer and histogram numbers (no masks or images), for `prunetrack import`.
+
+    \b
+    Example:
+      prunetrack export --experiment study -o reports/cifar10/runs.jsonl.gz
+    """
+    from prunetrack import archive
+
+    try:
+        s = archive.export_runs(experiment, output, echo=click.echo)
+    except archive.ArchiveError as e:
+        raise click.ClickException(str(e)) from None
+    note = f"; {s.skipped_running} RUNNING run(s) left out" if s.skipped_running else ""
+    click.echo(f"exported {s.runs} runs to {s.path} ({s.bytes / 1024:,.0f} KiB){note}")
+
+
+@cli.command("import")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--experiment", default=None, help="Experiment to import into (default: the exported one's name).")
+def import_cmd(file, experiment):
+    """Load runs written by `prunetrack export` into the tracking store
+    (MLFLOW_TRACKING_URI, or ./mlflow.db). Runs imported before are skipped.
+
+    \b
+    Example (then `prunetrack report --experiment study --name cifar10`):
+      prunetrack import reports/cifar10/runs.jsonl.gz
+    """
+    from prunetrack import archive
+
+    try:
+        s = archive.import_runs(file, experiment, echo=click.echo)
+    except archive.ArchiveError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"imported {s.imported} runs into experiment {s.experiment!r}"
+               + (f" ({s.skipped} imported before, skipped)" if s.skipped else ""))
 
 
 def main(argv=None) -> None:

@@ -140,23 +140,33 @@ def normalize(x: torch.Tensor, mean, std, channels_last: bool = False) -> torch.
     std = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
     scale, shift = 1.0 / (255.0 * std), -mean / std
     layout = torch.channels_last if channels_last else torch.contiguous_format
+    if x.is_contiguous(memory_format=layout):  # already laid out: a plain elementwise conversion
+        layout = torch.preserve_format
     return x.to(torch.float32, memory_format=layout).mul_(scale).add_(shift)
 
 
-def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 4, channels_last: bool = False) -> torch.Tensor:
     """Random crop with `pad` zero pixels each side, then a random horizontal flip,
-    for a whole uint8 batch at once (the usual CIFAR recipe). The crop is two
-    gathers, rows then columns, with the flip folded into the column indices."""
+    for a whole uint8 batch at once (the usual CIFAR recipe).
+
+    One gather does it all: each output pixel's offset in the flattened padded image
+    is (dy + row) * padded_width + column, with the flip folded into the columns.
+    The gather writes straight into the requested memory layout, so channels-last
+    batches cost no separate transpose (BENCHMARKS.md, data path)."""
     b, c, h, w = x.shape
-    padded = F.pad(x, (pad, pad, pad, pad))
+    padded = F.pad(x, (pad, pad, pad, pad)).reshape(b, c, -1)
     dy = torch.randint(0, 2 * pad + 1, (b,), device=x.device, generator=generator)
     dx = torch.randint(0, 2 * pad + 1, (b,), device=x.device, generator=generator)
     flip = torch.rand(b, device=x.device, generator=generator) < 0.5
-    rows = (dy[:, None] + torch.arange(h, device=x.device)).view(b, 1, h, 1)
-    out = padded.gather(2, rows.expand(b, c, h, w + 2 * pad))
     cols = dx[:, None] + torch.arange(w, device=x.device)
-    cols = torch.where(flip[:, None], cols.flip(1), cols).view(b, 1, 1, w)
-    return out.gather(3, cols.expand(b, c, h, w))
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    rows = dy[:, None] + torch.arange(h, device=x.device)
+    index = (rows[:, :, None] * (w + 2 * pad) + cols[:, None, :]).view(b, 1, h * w).expand(b, c, h * w)
+    # (b, h*w, c) storage seen as (b, c, h*w) is exactly the channels-last layout.
+    out = (torch.empty(b, h * w, c, dtype=x.dtype, device=x.device).transpose(1, 2) if channels_last
+           else torch.empty(b, c, h * w, dtype=x.dtype, device=x.device))
+    torch.gather(padded, 2, index, out=out)
+    return out.unflatten(2, (h, w))
 
 
 class Batches:
@@ -168,6 +178,10 @@ class Batches:
 
     def __init__(self, x, y, batch_size: int, mean, std, train: bool = False,
                  generator: torch.Generator | None = None, channels_last: bool = False):
+        if channels_last and not train:
+            # Kept channels-last once (a copy of the split), so that each batch is a plain
+            # index and dtype conversion; training batches get the layout from `augment`.
+            x = x.contiguous(memory_format=torch.channels_last)
         self.x, self.y, self.batch_size = x, y, batch_size
         self.mean, self.std, self.train = mean, std, train
         self.generator, self.channels_last = generator, channels_last
@@ -183,7 +197,7 @@ class Batches:
             idx = order[i:i + self.batch_size]
             xb = self.x[idx]
             if self.train:
-                xb = augment(xb, self.generator)
+                xb = augment(xb, self.generator, channels_last=self.channels_last)
             yield normalize(xb, self.mean, self.std, self.channels_last), self.y[idx]
 
 

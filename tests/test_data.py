@@ -64,16 +64,30 @@ def test_unknown_dataset_lists_choices():
         data.load("mnist")
 
 
-def test_augment_is_crop_and_flip_of_padded_image():
-    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.int32).reshape(2, 3, 8, 8).to(torch.uint8)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_augment_is_crop_and_flip_of_padded_image(channels_last):
+    x = torch.arange(16 * 3 * 8 * 8, dtype=torch.int32).reshape(16, 3, 8, 8).to(torch.uint8)
     g = torch.Generator().manual_seed(0)
-    out = data.augment(x, g, pad=2)
+    out = data.augment(x, g, pad=2, channels_last=channels_last)
     assert out.shape == x.shape and out.dtype == torch.uint8
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
-    for i in range(2):
+    seen = set()
+    for i in range(16):
         # Every output must be some 8x8 window of the padded image, possibly mirrored.
-        windows = [padded[i, :, dy:dy + 8, dx:dx + 8] for dy in range(5) for dx in range(5)]
-        assert any(torch.equal(out[i], w) or torch.equal(out[i], w.flip(2)) for w in windows)
+        found = [(dy, dx, f) for dy in range(5) for dx in range(5) for f in (False, True)
+                 if torch.equal(out[i], padded[i, :, dy:dy + 8, dx:dx + 8].flip(2) if f
+                                else padded[i, :, dy:dy + 8, dx:dx + 8])]
+        assert found, f"image {i} is no crop of its padded image"
+        seen.add(found[0][2])
+    assert seen == {False, True}  # both flipped and unflipped images occur
+
+
+def test_augment_layouts_agree():
+    x = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8)
+    a = data.augment(x, torch.Generator().manual_seed(3))
+    b = data.augment(x, torch.Generator().manual_seed(3), channels_last=True)
+    assert torch.equal(a, b)
 
 
 def test_augment_varies_and_is_seeded():

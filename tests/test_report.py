@@ -2,6 +2,7 @@
 against the runs' own metrics, read back independently through the MLflow client."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -264,3 +265,66 @@ def test_report_against_a_real_mlflow_server(mlflow_server, monkeypatch, tmp_pat
         assert {"REPORT.md", "layer_density.png"} <= {a.path for a in client.list_artifacts(report.info.run_id)}
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def test_export_then_import_regenerates_the_same_report(study, tmp_path, monkeypatch):
+    """The committed-export path: runs exported from one store and imported into an
+    empty one give the same tables, and the same histories, statuses and artifacts."""
+    export = tmp_path / "runs.jsonl.gz"
+
+    def layers_of(client, run_id):
+        dest = tmp_path / run_id
+        dest.mkdir()
+        with open(client.download_artifacts(run_id, "layers.json", str(dest))) as fh:
+            return json.load(fh)
+
+    copy_uri = f"sqlite:///{tmp_path}/copy.db"
+    try:
+        result = CliRunner().invoke(cli.cli, ["export", "--experiment", "study", "-o", str(export)])
+        assert result.exit_code == 0, result.output
+        assert "exported 6 runs" in result.output  # 4 jobs, the bare run and the FAILED one; no report runs
+
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", copy_uri)
+        mlflow.set_tracking_uri(copy_uri)
+        result = CliRunner().invoke(cli.cli, ["import", str(export)])
+        assert result.exit_code == 0, result.output
+        assert "imported 6 runs into experiment 'study'" in result.output
+        again = CliRunner().invoke(cli.cli, ["import", str(export)])
+        assert again.exit_code == 0 and "imported 0 runs" in again.output and "6 imported before" in again.output
+
+        client = MlflowClient()
+        copies = {r.data.tags["prunetrack.imported_from"]: r for r in mlflow.search_runs(
+            experiment_names=["study"], output_format="list")}
+        assert len(copies) == 6
+        for original_id in study["ids"].values():
+            original, copy = study["client"].get_run(original_id), copies[original_id]
+            assert copy.info.status == original.info.status == "FINISHED"
+            assert (copy.info.start_time, copy.info.end_time) == (original.info.start_time, original.info.end_time)
+            assert copy.data.params == original.data.params
+            assert copy.data.metrics == original.data.metrics
+            history = lambda c, rid: [(m.step, m.timestamp, m.value) for m in c.get_metric_history(rid, "test_loss")]
+            assert history(client, copy.info.run_id) == history(study["client"], original_id)
+            assert layers_of(client, copy.info.run_id) == layers_of(study["client"], original_id)
+        assert sorted(r.info.status for r in copies.values()).count("FAILED") == 1
+
+        opts = ReportOptions(**{**study["opts"].__dict__, "output_dir": str(tmp_path / "reports")})
+        text = open(build_report(opts)).read()
+        for n in range(1, 7):
+            assert table(text, n) == table(study["text"], n), f"table {n} differs after export/import"
+        section = lambda t: t.split("## Missing cells", 1)[1]
+        assert section(text) == section(study["text"])
+        assert (sorted(f for f in os.listdir(os.path.dirname(study["path"])) if f.endswith(".png"))
+                == sorted(f for f in os.listdir(tmp_path / "reports" / "tiny") if f.endswith(".png")))
+    finally:
+        mlflow.set_tracking_uri(study["uri"])
+
+
+def test_import_refuses_a_file_that_is_not_an_export(mlflow_store, tmp_path):
+    bad = tmp_path / "runs.jsonl"
+    bad.write_text('{"run_id": "abc"}\n')
+    result = CliRunner().invoke(cli.cli, ["import", str(bad)])
+    assert result.exit_code != 0
+    assert "is not a prunetrack export" in result.output and "prunetrack export" in result.output
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
+    missing = CliRunner().invoke(cli.cli, ["export", "--experiment", "nope", "-o", str(tmp_path / "x.jsonl")])
+    assert missing.exit_code != 0 and "no experiment named 'nope'" in missing.output
