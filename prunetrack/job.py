@@ -72,7 +72,8 @@ def run_job(cfg: JobConfig) -> str:
         seed_everything(cfg.run.seed)
         ds = data.load(cfg.data.dataset, cfg.data.data_dir, cfg.data.download, cfg.data.train_subset,
                        cfg.data.test_subset, cfg.run.seed).to(device)
-        tracking.log_tags({"dataset_sha256": ds.sha256, "train_examples": len(ds.train_y),
+        tracking.log_tags({"dataset_sha256": ds.sha256, "dataset_source": data.source(ds),
+                           "train_examples": len(ds.train_y),
                            "test_examples": len(ds.test_y)})
         model = masking.add_masks(models.get_model(cfg.model.model, ds.num_classes)).to(device)
         # Channels-last activations and weights: cuDNN's fastest (tensor-core) convolutions

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import REPO
 from prunetrack import data
 
 
@@ -131,3 +132,16 @@ def test_normalize_matches_to_tensor_then_normalize(channels_last):
     out = data.normalize(x, mean, std, channels_last)
     assert torch.allclose(out, expected, atol=1e-5)
     assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def test_source_names_the_offline_copy_by_its_hash():
+    folder = os.path.join(REPO, "data")
+    if not os.path.exists(os.path.join(folder, "cifar-10-batches-py", "test_batch")):
+        pytest.skip("CIFAR-10 not materialized in data/ (scripts/bootstrap.sh does it from ../shared/data)")
+    ds = data.load("cifar10", folder, download=False)
+    if ds.sha256 not in data.KNOWN_COPIES:
+        pytest.skip("data/ holds a CIFAR-10 copy other than the offline one")
+    assert "JPEG round trip" in data.source(ds)
+    ds.sha256 = "0" * 64  # any other copy is named as unknown, never as the offline one
+    assert "not a copy known by hash" in data.source(ds)
+    assert data.source(data.load("synthetic")) == "synthetic (generated)"

@@ -328,3 +328,26 @@ def test_import_refuses_a_file_that_is_not_an_export(mlflow_store, tmp_path):
     assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
     missing = CliRunner().invoke(cli.cli, ["export", "--experiment", "nope", "-o", str(tmp_path / "x.jsonl")])
     assert missing.exit_code != 0 and "no experiment named 'nope'" in missing.output
+
+
+def test_synflow_paper_comparison_reads_the_protocol_from_the_runs():
+    from prunetrack.report import Run, Study, synflow_paper_section
+
+    def run(pruner, c, acc, **params):
+        base = dict(dataset="cifar10", optimizer="adam", lr="0.001", post_epochs="10", batch_size="256",
+                    iterations="100" if pruner == "synflow" else "1")
+        return Run(f"id-{pruner}-{c}", f"{pruner}-{c}", "vgg16", pruner, c, "0", {**base, **params},
+                   {"dataset_source": "offline copy"}, {"test_accuracy": acc})
+
+    runs = [run("rand", 1.0, 90.0), run("synflow", 10.0, 88.5), run("snip", 10.0, 87.0)]
+    study = Study(ReportOptions(experiment="x"), None, runs, ["vgg16"], ["rand", "snip", "synflow"],
+                  [1.0, 10.0], "cifar10", "vgg16")
+    for r in runs:
+        study.cells.setdefault((r.model, r.pruner, r.compression), []).append(r)
+    text = "\n".join(synflow_paper_section(study))
+    assert "| Training epochs | 160 | 10 |" in text
+    assert "| Optimizer | SGD, momentum 0.9 (Nesterov) | adam |" in text
+    assert "| SynFlow iterations | 100 | 100 |" in text
+    assert "dense VGG16 reaches 90.00%" in text and "10x: 88.50% (-1.50 vs dense)" in text
+    study.dataset = "cifar100"  # the paper's VGG-16 / CIFAR-10 curves say nothing about other data
+    assert synflow_paper_section(study) == []
