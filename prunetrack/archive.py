@@ -153,7 +153,10 @@ def import_runs(path: str, experiment: str | None = None,
             continue
         tags = dict(record["tags"])
         if tags.get(PARENT):  # exports are in start order: a parent is always created first
-            tags[PARENT] = new_ids.get(tags[PARENT], tags[PARENT])
+            if tags[PARENT] in new_ids:
+                tags[PARENT] = new_ids[tags[PARENT]]
+            else:  # its parent was not exported (still RUNNING): no link to a run that is not here
+                del tags[PARENT]
         tags[IMPORTED_FROM] = old
         run = client.create_run(exp_id, start_time=record["start_time"], run_name=record["run_name"])
         new = run.info.run_id
