@@ -125,7 +125,9 @@ def images_per_second(step, batches, steps: int, warmup: int, device) -> float:
 
 
 def train_step_fn(model, precision, device, reapply_masks: bool):
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    # prunetrack's optimizer as its jobs build it (fused Adam); the reference's plain Adam.
+    opt = (training.make_optimizer("adam", model, 1e-3, 0.0, [], 0.1)[0] if reapply_masks
+           else torch.optim.Adam(model.parameters(), lr=1e-3))
 
     def step(x, y):
         with training.autocast(precision, device):
