@@ -154,14 +154,15 @@ def load(name: str, data_dir: str = "data", download: bool = True, train_subset:
 
 def normalize(x: torch.Tensor, mean, std, channels_last: bool = False) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> float32, standardized per channel: one conversion (straight
-    into the target memory layout) and two in-place passes, x * 1/(255 std) - mean/std."""
+    into the target memory layout) and one in-place pass, x * 1/(255 std) - mean/std."""
     mean = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
     scale, shift = 1.0 / (255.0 * std), -mean / std
     layout = torch.channels_last if channels_last else torch.contiguous_format
     if x.is_contiguous(memory_format=layout):  # already laid out: a plain elementwise conversion
         layout = torch.preserve_format
-    return x.to(torch.float32, memory_format=layout).mul_(scale).add_(shift)
+    out = x.to(torch.float32, memory_format=layout)
+    return torch.addcmul(shift, out, scale, out=out)  # shift + out * scale, written over out
 
 
 def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 4, channels_last: bool = False) -> torch.Tensor:
