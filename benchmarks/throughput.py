@@ -124,19 +124,21 @@ def images_per_second(step, batches, steps: int, warmup: int, device) -> float:
     return seen / (time.perf_counter() - start)
 
 
-def train_step_fn(model, precision, device, reapply_masks: bool):
-    # prunetrack's optimizer as its jobs build it (fused Adam); the reference's plain Adam.
-    opt = (training.make_optimizer("adam", model, 1e-3, 0.0, [], 0.1)[0] if reapply_masks
-           else torch.optim.Adam(model.parameters(), lr=1e-3))
+def prunetrack_train_step(model, precision, device):
+    """A job's training step: its optimizer (fused Adam) and `training.train_step`."""
+    opt = training.make_optimizer("adam", model, 1e-3, 0.0, [], 0.1)[0]
+    return lambda x, y: training.train_step(model, x, y, opt, precision, device)
+
+
+def reference_train_step(model):
+    """The reference's step: plain Adam, fp32; the masks act inside the forward."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
 
     def step(x, y):
-        with training.autocast(precision, device):
-            loss = F.cross_entropy(model(x), y)
+        loss = F.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if reapply_masks:
-            masking.apply_masks(model)
 
     return step
 
@@ -220,18 +222,19 @@ def main():
         pruning.prune(model, "rand", args.compression)
         ref_model = reference_model(model)
         model = model.to(memory_format=torch.channels_last)
-        variants = [("prunetrack", model, ours, precision, True)]
+        variants = [("prunetrack", model, ours, precision)]
         if args.compile:
-            variants.append(("prunetrack+compile", torch.compile(model), ours, precision, True))
-        variants.append(("reference", ref_model, ref, "fp32", False))
+            variants.append(("prunetrack+compile", torch.compile(model), ours, precision))
+        variants.append(("reference", ref_model, ref, "fp32"))
         # Rounds alternate the pipelines (A B A B ...) so that drift in clock speed or
         # background load hits both alike; each pipeline's number is its median round.
         test_ours = data.Batches(ds.test_x.to(device), ds.test_y.to(device), bs, ds.mean, ds.std,
                                  channels_last=True)
         test_ref = reference_loader(ds, bs, False, workers, device)
-        runners = {label: (net, train_step_fn(net, prec, device, reapply), eval_step_fn(net, prec, device),
+        runners = {label: (net, prunetrack_train_step(net, prec, device) if batches is ours
+                           else reference_train_step(net), eval_step_fn(net, prec, device),
                            batches, test_ours if batches is ours else test_ref)
-                   for label, net, batches, prec, reapply in variants}
+                   for label, net, batches, prec in variants}
         samples = {label: ([], [], []) for label in runners}
         for _ in range(rounds):
             for label, (net, train_step, eval_step, batches, test_batches) in runners.items():

@@ -29,6 +29,8 @@ import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from prunetrack import tracking
+
 FORMAT = "prunetrack-runs-v1"
 ARTIFACTS = ("config.yaml", "layers.json", "histograms.json", "score_summary.json")
 IMPORTED_FROM = "prunetrack.imported_from"
@@ -67,14 +69,15 @@ def _artifact_texts(client: MlflowClient, run_id: str, present: set[str]) -> dic
 
 def export_runs(experiment: str, path: str, echo: Callable[[str], None] = lambda line: None) -> ExportSummary:
     """Write every run of `experiment` except report runs and runs still RUNNING."""
+    try:
+        tracking.check_tracking(mlflow.get_tracking_uri())
+        exp = tracking.find_experiment(experiment)
+    except tracking.TrackingError as e:
+        raise ArchiveError(str(e)) from None
     client = MlflowClient()
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None or exp.lifecycle_stage != "active":
-        names = sorted(e.name for e in client.search_experiments())
-        raise ArchiveError(f"no experiment named {experiment!r}; existing experiments: {', '.join(names) or '(none)'}")
     runs = mlflow.search_runs(experiment_ids=[exp.experiment_id], output_format="list",
                               order_by=["attributes.start_time ASC"])
-    kept = [r for r in runs if r.data.tags.get("prunetrack.kind") != "report" and r.info.status != "RUNNING"]
+    kept = [r for r in runs if r.data.tags.get(tracking.KIND_TAG) != "report" and r.info.status != "RUNNING"]
     running = sum(r.info.status == "RUNNING" for r in runs)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with _open(path, "w") as fh:
@@ -138,8 +141,15 @@ def import_runs(path: str, experiment: str | None = None,
     (default: the experiment they were exported from)."""
     header, records = read_export(path)
     name = experiment or header["experiment"]
+    try:
+        tracking.check_tracking(mlflow.get_tracking_uri())
+    except tracking.TrackingError as e:
+        raise ArchiveError(str(e)) from None
     client = MlflowClient()
     exp = client.get_experiment_by_name(name)
+    if exp is not None and exp.lifecycle_stage != "active":
+        raise ArchiveError(f"experiment {name!r} is deleted: restore it (`mlflow experiments restore "
+                           f"--experiment-id {exp.experiment_id}`) or import with --experiment OTHER_NAME")
     exp_id = exp.experiment_id if exp is not None else client.create_experiment(name)
     done = {r.data.tags[IMPORTED_FROM]: r.info.run_id
             for r in mlflow.search_runs(experiment_ids=[exp_id], output_format="list",

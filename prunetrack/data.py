@@ -158,10 +158,7 @@ def normalize(x: torch.Tensor, mean, std, channels_last: bool = False) -> torch.
     mean = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
     scale, shift = 1.0 / (255.0 * std), -mean / std
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-    if x.is_contiguous(memory_format=layout):  # already laid out: a plain elementwise conversion
-        layout = torch.preserve_format
-    out = x.to(torch.float32, memory_format=layout)
+    out = x.to(torch.float32, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     return torch.addcmul(shift, out, scale, out=out)  # shift + out * scale, written over out
 
 

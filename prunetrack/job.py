@@ -78,16 +78,15 @@ def run_job(cfg: JobConfig) -> str:
         model = masking.add_masks(models.get_model(cfg.model.model, ds.num_classes)).to(device)
         # Channels-last activations and weights: cuDNN's fastest (tensor-core) convolutions
         # on CUDA, and oneDNN's on CPU (BENCHMARKS.md: VGG16 trains 5-10% faster on CPU).
-        channels_last = True
         model = model.to(memory_format=torch.channels_last)
         # The network that trains and evaluates: compiled if asked. It shares its
         # parameters and masks with `model`, which the pruners score uncompiled.
         net = torch.compile(model) if t.compile else model
         stream = torch.Generator(device=device).manual_seed(cfg.run.seed)
         train_batches = data.Batches(ds.train_x, ds.train_y, t.batch_size, ds.mean, ds.std, train=True,
-                                     generator=stream, channels_last=channels_last)
+                                     generator=stream, channels_last=True)
         test_batches = data.Batches(ds.test_x, ds.test_y, t.test_batch_size, ds.mean, ds.std,
-                                    channels_last=channels_last)
+                                    channels_last=True)
 
         def optimizer():  # a fresh optimizer and schedule for each training phase
             return training.make_optimizer(t.optimizer, model, t.lr, t.weight_decay, t.lr_drop_epochs(),

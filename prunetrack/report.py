@@ -13,13 +13,11 @@ shows mean ± std (n); a cell without runs shows "—" and is listed with the
 """
 from __future__ import annotations
 
-import contextlib
 import datetime
 import math
 import os
 import re
 import statistics
-import urllib.parse
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Callable
@@ -29,8 +27,8 @@ from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
 
 from prunetrack import config, tracking
+from prunetrack.tracking import KIND_TAG, public_uri
 
-KIND_TAG = "prunetrack.kind"
 STUDY_MODELS = ("vgg16", "resnet50")
 STUDY_COMPRESSIONS = (1.0, 2.0, 5.0, 10.0, 15.0, 20.0)
 STUDY_PRUNERS = ("rand", "mag", "snip", "grasp", "synflow")
@@ -128,51 +126,6 @@ def pruner_label(name: str) -> str:
 def cell_name(model: str, pruner: str | None, compression: float) -> str:
     parts = [model_label(model)] + ([pruner_label(pruner)] if pruner else []) + [f"{compression:g}x"]
     return "[" + " · ".join(parts) + "]"
-
-
-@contextlib.contextmanager
-def _env(**values):
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def public_uri(uri: str) -> str:
-    """The tracking URI without any user:password."""
-    parts = urllib.parse.urlsplit(uri)
-    if not (parts.username or parts.password):
-        return uri
-    return urllib.parse.urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
-
-
-def check_tracking(uri: str, timeout: int = 5) -> None:
-    """Fail fast, naming the URI, when a tracking server does not answer; MLflow's own
-    defaults retry for minutes."""
-    if not uri.startswith(("http://", "https://")):
-        return
-    with _env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT=str(timeout)):
-        try:
-            MlflowClient(uri).search_experiments(max_results=1)
-        except Exception as e:
-            reason = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
-            raise ReportError(f"the tracking server at {public_uri(uri)} does not answer ({reason}). "
-                              f"Start it, or point MLFLOW_TRACKING_URI at a running one.") from None
-
-
-def find_experiment(client: MlflowClient, name: str):
-    exp = client.get_experiment_by_name(name)
-    if exp is None or exp.lifecycle_stage != "active":
-        names = sorted(e.name for e in client.search_experiments())
-        raise ReportError(f"no experiment named {name!r} at {public_uri(mlflow.get_tracking_uri())}; "
-                          f"existing experiments: {', '.join(names) or '(none)'}")
-    return exp
 
 
 def load_runs(experiment_id: str) -> tuple[list[Run], Counter]:
@@ -284,10 +237,11 @@ class Study:
 
 def collect(opts: ReportOptions) -> Study:
     """Query the tracking server and group the runs into the study's cells."""
-    uri = mlflow.get_tracking_uri()
-    check_tracking(uri)
-    client = MlflowClient()
-    exp = find_experiment(client, opts.experiment)
+    try:
+        tracking.check_tracking(mlflow.get_tracking_uri())
+        exp = tracking.find_experiment(opts.experiment)
+    except tracking.TrackingError as e:
+        raise ReportError(str(e)) from None
     runs, skipped = load_runs(exp.experiment_id)
     if not runs:
         others = ", ".join(f"{n} {s}" for s, n in skipped.items())

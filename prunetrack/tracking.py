@@ -14,6 +14,7 @@ import signal
 import subprocess
 import tempfile
 import traceback
+import urllib.parse
 from typing import Any
 
 import mlflow
@@ -156,6 +157,64 @@ def log_figure(figure, name: str) -> None:
 
 def log_text(text: str, name: str) -> None:
     mlflow.log_text(text, name)
+
+
+# ---------------------------------------------------------------------------- reading back
+
+# Runs that are not prune jobs carry this tag (the report's own run: "report"), so that
+# whatever reads prune runs back (the report, export) can skip them.
+KIND_TAG = "prunetrack.kind"
+
+
+class TrackingError(RuntimeError):
+    """A tracking problem the user can fix: a server that does not answer, a wrong experiment."""
+
+
+def public_uri(uri: str) -> str:
+    """The tracking URI without any user:password."""
+    parts = urllib.parse.urlsplit(uri)
+    if not (parts.username or parts.password):
+        return uri
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
+
+
+@contextlib.contextmanager
+def _env(**values):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def check_tracking(uri: str, timeout: int = 5) -> None:
+    """Fail fast, naming the URI, when a tracking server does not answer; MLflow's own
+    defaults retry for minutes."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    with _env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT=str(timeout)):
+        try:
+            mlflow.MlflowClient(uri).search_experiments(max_results=1)
+        except Exception as e:
+            reason = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+            raise TrackingError(f"the tracking server at {public_uri(uri)} does not answer ({reason}). "
+                                f"Start it, or point MLFLOW_TRACKING_URI at a running one.") from None
+
+
+def find_experiment(name: str):
+    """The active experiment `name`; TrackingError listing the existing ones otherwise."""
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name(name)
+    if exp is None or exp.lifecycle_stage != "active":
+        names = sorted(e.name for e in client.search_experiments())
+        raise TrackingError(f"no experiment named {name!r} at {public_uri(mlflow.get_tracking_uri())}; "
+                            f"existing experiments: {', '.join(names) or '(none)'}")
+    return exp
 
 
 # ---------------------------------------------------------------------------- sweeps

@@ -49,6 +49,19 @@ def make_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float, 
     return opt, sched
 
 
+def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt, precision: str,
+               device: torch.device) -> torch.Tensor:
+    """One optimizer step on a batch, pruned weights re-zeroed after it. Returns the
+    loss, still on the device (reading it would wait for the device)."""
+    with autocast(precision, device):
+        loss = F.cross_entropy(model(x), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    masking.apply_masks(model)
+    return loss.detach()
+
+
 def train_epoch(model: nn.Module, batches, opt, progress: Callable[[int, int], None] | None = None,
                 precision: str = "fp32") -> float:
     """One pass over `batches`; pruned weights are re-zeroed after every step.
@@ -59,13 +72,7 @@ def train_epoch(model: nn.Module, batches, opt, progress: Callable[[int, int], N
     total = torch.zeros((), device=device)
     seen = 0
     for i, (x, y) in enumerate(batches):
-        with autocast(precision, device):
-            loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        masking.apply_masks(model)
-        total += loss.detach() * len(y)
+        total += train_step(model, x, y, opt, precision, device) * len(y)
         seen += len(y)
         if progress:
             progress(i + 1, seen)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import mlflow
+import pytest
+from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
 from prunetrack import archive
@@ -36,3 +38,16 @@ def test_parent_links_point_at_the_new_runs_and_running_runs_stay_behind(mlflow_
         assert [(m.step, m.value) for m in history] == [(1, 1.5), (2, 1.2)]
     finally:
         mlflow.set_tracking_uri(mlflow_store)
+
+
+def test_import_into_a_deleted_experiment_is_refused(mlflow_store, tmp_path):
+    client = MlflowClient()
+    exp = client.create_experiment("gone")
+    run = client.create_run(exp, run_name="r")
+    client.set_terminated(run.info.run_id, "FINISHED")
+    path = str(tmp_path / "runs.jsonl")
+    archive.export_runs("gone", path)
+    client.delete_experiment(exp)
+    with pytest.raises(archive.ArchiveError, match=r"experiment 'gone' is deleted: restore it .* or import with --experiment"):
+        archive.import_runs(path)
+    assert len(client.search_runs([exp], run_view_type=ViewType.ALL)) == 1  # nothing added
