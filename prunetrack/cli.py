@@ -49,7 +49,39 @@ def prune(**values):
     Example (a CPU smoke run in about a minute):
       prunetrack prune --dataset synthetic --model resnet20 --pruner mag --compression 10 --post-epochs 2
     """
-    from prunetrack.job import resolve_device, run_job
+    from prunetrack.checkpoint import CheckpointBusy
+    from prunetrack.job import run_job
+
+    cfg = _job_config(values)
+    try:
+        run_job(cfg)
+    except CheckpointBusy as e:
+        raise click.ClickException(str(e)) from None
+
+
+@cli.command()
+@config_options
+def pretrain(**values):
+    """Pre-train the network that `prune --pre-epochs N` (with the same model, data, seed and
+    training settings) starts from, as a run of its own, unless it exists already.
+    Pruning options are accepted and ignored. Sweeps run this before their cells.
+
+    \b
+    Example:
+      prunetrack pretrain --model vgg16 --pre-epochs 200 --pre-patience 5
+    """
+    from prunetrack import pretrain as pretraining
+    from prunetrack.job import resolve, resolve_device
+
+    cfg = _job_config(values)
+    if not cfg.train.pre_epochs:
+        raise click.BadParameter("pre_epochs is 0: nothing to pre-train; pass --pre-epochs N")
+    pretraining.obtain(resolve(cfg), resolve_device(cfg.run.device))
+
+
+def _job_config(values: dict) -> config.JobConfig:
+    """The validated configuration of `prune`'s options; a usage error names what is wrong."""
+    from prunetrack.job import resolve_device
 
     try:
         cfg = config.JobConfig.from_flat(values)
@@ -57,7 +89,7 @@ def prune(**values):
         resolve_device(cfg.run.device)
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
-    run_job(cfg)
+    return cfg
 
 
 def _csv(kind, what: str):

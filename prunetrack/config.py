@@ -34,6 +34,9 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     model: str = _f("vgg16", "Model architecture.", choices="models")
+    init_from: str = _f("", "Start from trained weights instead of a fresh initialization: a run id or "
+                            "runs:/<run_id> URI of a run that logged weights.pt (a pre-training run), or a "
+                            "path to such a file. Excludes pre_epochs.")
 
 
 @dataclass
@@ -62,10 +65,14 @@ class TrainConfig:
     lr_drop_rate: float = _f(0.1, "Factor applied at each lr drop.", minimum=0.0)
     batch_size: int = _f(256, "Training batch size.", minimum=1)
     test_batch_size: int = _f(256, "Evaluation batch size.", minimum=1)
-    pre_epochs: int = _f(0, "Epochs of training before pruning.", minimum=0)
+    pre_epochs: int = _f(0, "Epochs of training before pruning, done once in a run of its own (kind "
+                            "pretrain) that every job with the same model, data, seed and pre-training "
+                            "settings starts from.", minimum=0)
+    pre_patience: int = _f(0, "Stop pre-training once the test loss has not improved for this many epochs, "
+                              "and prune the best epoch's weights (0: train all pre_epochs).", minimum=0)
     post_epochs: int = _f(10, "Epochs of training after pruning.", minimum=1)
-    precision: str = _f("auto", "Arithmetic for training and evaluation: auto (bf16 autocast on CUDA, "
-                        "fp32 on CPU), fp32, or bf16. Pruning scores are always computed in fp32 or better.",
+    precision: str = _f("auto", "Arithmetic for training and evaluation: auto (bf16 autocast on CUDA and on "
+                        "CPUs with native bf16, AMX or AVX512-BF16; fp32 elsewhere), fp32, or bf16. Pruning scores are always computed in fp32 or better.",
                         choices="precisions")
     compile: bool = _f(False, "Compile the model with torch.compile for training and evaluation.")
 
@@ -89,6 +96,10 @@ class RunConfig:
     experiment: str = _f("prunetrack", "MLflow experiment (ignored under `mlflow run`, which sets its own).",
                          mlproject=False)
     run_name: str = _f("", "MLflow run name (default: model-pruner-compression).", mlproject=False)
+    resume: bool = _f(True, "Continue an interrupted run of the same configuration from its last finished "
+                            "epoch (false: start over).")
+    checkpoint_dir: str = _f("", "Where per-epoch checkpoints are kept (default: $PRUNETRACK_CHECKPOINT_DIR, "
+                                 "else ~/.cache/prunetrack/checkpoints).")
 
 
 @dataclass
@@ -130,19 +141,52 @@ class JobConfig:
                 if meta.get("min") is not None and value < meta["min"]:
                     raise ValueError(f"{f.name} must be >= {meta['min']:g}, got {value!r}")
         self.train.lr_drop_epochs()
+        if self.train.pre_epochs and self.model.init_from:
+            raise ValueError(f"init_from={self.model.init_from!r} and pre_epochs={self.train.pre_epochs} "
+                             f"both choose the starting weights; set one of them")
         return self
 
     def config_hash(self) -> str:
         """A short digest of what the run computes (every field but the naming ones, values
         in their field's type so 10 and 10.0 agree). A sweep skips a cell whose hash already
-        has a FINISHED run; jobs log it as the `config_hash` tag."""
-        types = {f.name: f for f in fields()}
-        flat = {k: coerce(types[k], v) for k, v in self.flat().items() if k not in NAMING_FIELDS}
-        return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
+        has a FINISHED run; jobs log it as the `config_hash` tag, and their checkpoints live
+        under it.
+
+        At compression 1 nothing is pruned, so the pruner and its settings change nothing:
+        they are left out, and Rand, SNIP, GraSP and SynFlow at 1x with the same seed are
+        one configuration (the dense network), run once."""
+        flat = self.flat()
+        if self.dense():
+            flat = {k: v for k, v in flat.items() if k not in PRUNING_FIELDS}
+        return _digest(flat, skip=NAMING_FIELDS)
+
+    def dense(self) -> bool:
+        """Whether the job prunes nothing (compression 1, no ablation that changes weights)."""
+        return self.prune.compression == 1 and not self.prune.reinit
+
+    def pretrain_hash(self) -> str:
+        """A digest of what the pre-training computes: the data, model, seed and training
+        settings, not the pruning or the post-pruning epochs. Jobs that agree on it share
+        one pre-training run."""
+        flat = self.flat()
+        return _digest({k: flat[k] for k in PRETRAIN_FIELDS}, skip=())
 
 
-# Fields that name a run rather than change what it computes.
-NAMING_FIELDS = ("experiment", "run_name")
+def _digest(flat: dict[str, Any], skip: tuple[str, ...]) -> str:
+    types = {f.name: f for f in fields()}
+    values = {k: coerce(types[k], v) for k, v in flat.items() if k not in skip}
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# Fields that name a run or say where it keeps its files, rather than change what it computes.
+NAMING_FIELDS = ("experiment", "run_name", "resume", "checkpoint_dir")
+# Fields that only matter when something is pruned.
+PRUNING_FIELDS = ("pruner", "scope", "iterations", "schedule", "prune_per_class", "prune_batch_size",
+                  "shuffle", "invert")
+# Fields a pre-training depends on.
+PRETRAIN_FIELDS = ("dataset", "data_dir", "train_subset", "test_subset", "model", "optimizer", "lr",
+                   "weight_decay", "lr_drops", "lr_drop_rate", "batch_size", "test_batch_size", "pre_epochs",
+                   "pre_patience", "precision", "compile", "seed", "device")
 
 
 GROUPS = {"data": DataConfig, "model": ModelConfig, "prune": PruneConfig, "train": TrainConfig,

@@ -1,19 +1,23 @@
-"""One pruning job, start to finish: build, (pre-train), prune, train, measure, log.
+"""One pruning job, start to finish: build, (start from pre-trained weights), prune,
+train, measure, log.
 
 Read this file top to bottom to follow a job from the command line to the MLflow run.
+Every training epoch ends with a checkpoint (`prunetrack.checkpoint`), so running the
+same configuration again after a crash or a kill continues from the last finished
+epoch, in the same MLflow run.
 """
 from __future__ import annotations
 
 import platform
 import random
 import sys
-import time
+from dataclasses import dataclass
 
 import mlflow
 import numpy as np
 import torch
 
-from prunetrack import __version__, data, masking, measure, models, pruning, tracking, training
+from prunetrack import __version__, checkpoint, data, masking, measure, models, pruning, tracking, training
 from prunetrack.config import JobConfig
 
 
@@ -49,6 +53,104 @@ def resolve(cfg: JobConfig) -> JobConfig:
     return cfg
 
 
+def run_name(cfg: JobConfig) -> str:
+    return cfg.run.run_name or f"{cfg.model.model}-{cfg.prune.pruner}-{cfg.prune.compression:g}x-s{cfg.run.seed}"
+
+
+def common_tags(cfg: JobConfig, device: torch.device) -> dict:
+    return {"model": cfg.model.model, "dataset": cfg.data.dataset, "seed": cfg.run.seed,
+            "git_commit": tracking.git_commit(), "device": device_name(device), "device_type": device.type,
+            "precision": training.resolve_precision(cfg.train.precision, device),
+            "prunetrack_version": __version__, "torch_version": torch.__version__,
+            "mlflow_version": mlflow.__version__}
+
+
+@dataclass
+class Setup:
+    """What every training job builds: data on the device, the model and its batch streams."""
+    ds: data.Dataset
+    model: torch.nn.Module   # the masked model the pruners score
+    net: torch.nn.Module     # the same parameters, compiled when asked: what trains and evaluates
+    stream: torch.Generator  # the training batches' order and augmentation
+    train_batches: data.Batches
+    test_batches: data.Batches
+
+
+def build(cfg: JobConfig, device: torch.device) -> Setup:
+    seed_everything(cfg.run.seed)
+    ds = data.load(cfg.data.dataset, cfg.data.data_dir, cfg.data.download, cfg.data.train_subset,
+                   cfg.data.test_subset, cfg.run.seed).to(device)
+    model = masking.add_masks(models.get_model(cfg.model.model, ds.num_classes)).to(device)
+    # Channels-last activations and weights: cuDNN's fastest (tensor-core) convolutions
+    # on CUDA, and oneDNN's on CPU (BENCHMARKS.md: VGG16 trains 5-10% faster on CPU).
+    model = model.to(memory_format=torch.channels_last)
+    # It shares its parameters and masks with `model`, which the pruners score uncompiled.
+    net = torch.compile(model) if cfg.train.compile else model
+    stream = torch.Generator(device=device).manual_seed(cfg.run.seed)
+    t = cfg.train
+    return Setup(ds, model, net, stream,
+                 data.Batches(ds.train_x, ds.train_y, t.batch_size, ds.mean, ds.std, train=True,
+                              generator=stream, channels_last=True),
+                 data.Batches(ds.test_x, ds.test_y, t.test_batch_size, ds.mean, ds.std, channels_last=True))
+
+
+def train_phase(s: Setup, cfg: JobConfig, ckpt: checkpoint.Checkpoint, state: dict | None, run_id: str,
+                phase: str, epochs: int, extra: dict, patience: int = 0) -> list[dict]:
+    """Train `epochs` with a fresh optimizer and schedule, or continue from `state` (a
+    checkpoint of this phase). After every epoch: checkpoint, then log the epoch's
+    metrics (step = epoch). A kill between the two leaves an epoch unlogged, which the
+    resume logs from the checkpoint, so a run's history never has a gap or a repeat.
+    With `patience`, stop once the test loss has not improved for that many epochs and
+    leave the best epoch's weights in the model. Returns the per-epoch history."""
+    t = cfg.train
+    opt, sched = training.make_optimizer(t.optimizer, s.model, t.lr, t.weight_decay, t.lr_drop_epochs(),
+                                         t.lr_drop_rate)
+    history, best = [], None
+    if state is not None:
+        s.model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        s.stream.set_state(state["stream"])
+        checkpoint.set_rng_state(state["rng"])
+        history, best = state["history"], state.get("best")
+        logged = tracking.logged_steps(run_id, "test_loss")
+        for h in history:
+            if h["epoch"] not in logged:
+                tracking.log_metrics({k: v for k, v in h.items() if k != "epoch"}, h["epoch"])
+
+    def snapshot(epoch: int) -> dict:
+        return {"run_id": run_id, "phase": phase, "epoch": epoch, "epochs": epochs, "model": s.model.state_dict(),
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "stream": s.stream.get_state(),
+                "rng": checkpoint.rng_state(), "history": history, "best": best, "extra": extra}
+
+    def stopped(epoch: int) -> bool:
+        return bool(patience) and best is not None and epoch - best["epoch"] >= patience
+
+    def on_epoch(epoch: int, metrics: dict) -> bool:
+        nonlocal best
+        history.append({"epoch": epoch, **metrics})
+        if patience and (best is None or metrics["test_loss"] < best["test_loss"]):
+            best = {"epoch": epoch, "test_loss": metrics["test_loss"],
+                    "model": {k: v.detach().clone() for k, v in s.model.state_dict().items()}}
+        ckpt.save(snapshot(epoch))
+        tracking.log_metrics(metrics, epoch)
+        if stopped(epoch):
+            print(f"{phase}: test loss has not improved for {patience} epochs since epoch {best['epoch']}; "
+                  f"stopping", flush=True)
+            return True
+        return False
+
+    if state is None:  # epoch 0: what pruning produced, so a kill during epoch 1 does not prune again
+        ckpt.save(snapshot(0))
+    start = history[-1]["epoch"] if history else 0
+    if not stopped(start):
+        training.fit(s.net, s.train_batches, s.test_batches, epochs, opt, sched, on_epoch, label=phase,
+                     precision=t.precision, start_epoch=start)
+    if patience and best is not None:
+        s.model.load_state_dict(best["model"])
+    return history
+
+
 def run_job(cfg: JobConfig) -> str:
     """Run one job; returns the MLflow run id. Raises on bad configuration before any
     run is created, and on any later failure after closing the run as FAILED."""
@@ -56,109 +158,133 @@ def run_job(cfg: JobConfig) -> str:
     device = resolve_device(cfg.run.device)
     resolve(cfg)
     p, t = cfg.prune, cfg.train
-    name = cfg.run.run_name or f"{cfg.model.model}-{p.pruner}-{p.compression:g}x-s{cfg.run.seed}"
+    name = run_name(cfg)
 
-    with tracking.job_run(cfg.run.experiment, name, tags={"config_hash": cfg.config_hash()}) as run:
-        tracking.log_config(cfg.flat())
-        tracking.log_tags({
-            "model": cfg.model.model, "dataset": cfg.data.dataset, "pruner": p.pruner,
-            "compression": f"{p.compression:g}", "seed": cfg.run.seed, "git_commit": tracking.git_commit(),
-            "device": device_name(device), "device_type": device.type, "prunetrack_version": __version__,
-            "torch_version": torch.__version__, "mlflow_version": mlflow.__version__,
-        })
-        print(f"run {run.info.run_id}: {name} on {device_name(device)}", flush=True)
+    # 0. Starting weights: a shared pre-training (run once, in a run of its own), or any
+    #    trained weights the user names.
+    init_from = cfg.model.init_from
+    if t.pre_epochs:
+        from prunetrack import pretrain
 
-        # 1. Model and data, seeded.
-        seed_everything(cfg.run.seed)
-        ds = data.load(cfg.data.dataset, cfg.data.data_dir, cfg.data.download, cfg.data.train_subset,
-                       cfg.data.test_subset, cfg.run.seed).to(device)
-        tracking.log_tags({"dataset_sha256": ds.sha256, "dataset_source": data.source(ds),
-                           "train_examples": len(ds.train_y),
-                           "test_examples": len(ds.test_y)})
-        model = masking.add_masks(models.get_model(cfg.model.model, ds.num_classes)).to(device)
-        # Channels-last activations and weights: cuDNN's fastest (tensor-core) convolutions
-        # on CUDA, and oneDNN's on CPU (BENCHMARKS.md: VGG16 trains 5-10% faster on CPU).
-        model = model.to(memory_format=torch.channels_last)
-        # The network that trains and evaluates: compiled if asked. It shares its
-        # parameters and masks with `model`, which the pruners score uncompiled.
-        net = torch.compile(model) if t.compile else model
-        stream = torch.Generator(device=device).manual_seed(cfg.run.seed)
-        train_batches = data.Batches(ds.train_x, ds.train_y, t.batch_size, ds.mean, ds.std, train=True,
-                                     generator=stream, channels_last=True)
-        test_batches = data.Batches(ds.test_x, ds.test_y, t.test_batch_size, ds.mean, ds.std,
-                                    channels_last=True)
+        init_from = pretrain.obtain(cfg, device)
 
-        def optimizer():  # a fresh optimizer and schedule for each training phase
-            return training.make_optimizer(t.optimizer, model, t.lr, t.weight_decay, t.lr_drop_epochs(),
-                                           t.lr_drop_rate)
+    with checkpoint.Checkpoint(cfg.run.checkpoint_dir, cfg.config_hash()) as ckpt:
+        if not cfg.run.resume:
+            ckpt.clear()
+        state = ckpt.load()
+        resume_id = tracking.resumable(state["run_id"]) if state else None
+        with tracking.job_run(cfg.run.experiment, name, tags={"config_hash": cfg.config_hash()},
+                              resume_run_id=resume_id) as run:
+            run_id = run.info.run_id
+            tracking.log_config(cfg.flat())
+            tracking.log_tags({**common_tags(cfg, device), "pruner": p.pruner, "compression": f"{p.compression:g}"})
+            print(f"run {run_id}: {name} on {device_name(device)}, "
+                  f"{training.resolve_precision(t.precision, device)}", flush=True)
+            if state:
+                where = "the same run" if run_id == state["run_id"] else f"a new run (run {state['run_id']} is gone)"
+                print(f"resuming from the checkpoint in {ckpt.folder}: {state['phase']} epoch "
+                      f"{state['epoch']}/{state['epochs']} finished; continuing in {where}", flush=True)
+                tracking.log_tags({"resumed_at_epoch": state["epoch"]})
 
-        # 2. Optional pre-training (logged as pre_* metrics).
-        start = time.perf_counter()
-        if t.pre_epochs:
-            training.fit(net, train_batches, test_batches, t.pre_epochs, *optimizer(), label="pre-train",
-                         precision=t.precision,
-                         on_epoch=lambda e, m: tracking.log_metrics({f"pre_{k}": v for k, v in m.items()}, e))
-        pre_time = time.perf_counter() - start
+            # 1. Model and data, seeded.
+            s = build(cfg, device)
+            tracking.log_tags({"dataset_sha256": s.ds.sha256, "dataset_source": data.source(s.ds),
+                               "train_examples": len(s.ds.train_y), "test_examples": len(s.ds.test_y)})
+            if init_from:
+                load_start(s.model, init_from)
+                tracking.log_tags({"init_from": init_from,
+                                   **({"pretrain_run": init_from} if t.pre_epochs else {})})
 
-        # 3. Prune.
-        prune_batches = data.pruning_batches(ds, p.prune_per_class, p.prune_batch_size, cfg.run.seed)
+            # 2. Prune (restored from the checkpoint when resuming).
+            if state is None:
+                pruned = prune(s, cfg, device)
+            else:
+                pruned = state["extra"]
+                s.model.load_state_dict(state["model"])
+            prunable, remaining = masking.count(s.model)
+            print(f"pruned with {p.pruner} in {pruned['pruning_time']:.2f}s: {remaining}/{prunable} prunable "
+                  f"weights kept (density {remaining / prunable:.4f})", flush=True)
+            if pruned["collapsed"]:  # a known failure mode: visible in the run, not only in a log
+                warning = pruning.collapse_message(pruned["collapsed"])
+                tracking.log_tags({"layer_collapse": ",".join(pruned["collapsed"]), "warning": warning})
+                print(f"WARNING: {warning}", file=sys.stderr, flush=True)
+            if pruned["score_summary"]:
+                tracking.log_dict(pruned["score_summary"], "score_summary.json")
+            tracking.log_masks(masking.get_masks(s.model))
+
+            # 3. Train the pruned network with a fresh optimizer and schedule.
+            history = train_phase(s, cfg, ckpt, state, run_id, "train", t.post_epochs, pruned)
+
+            # 4. Final measurements: accuracy, testing time, FLOPs, parameters, per-layer table, histograms.
+            measure_and_log(s, cfg, device, name, pruned, training_time=sum(h["epoch_time"] for h in history))
+        # The run ended FINISHED: nothing left to resume.
+        ckpt.delete()
+        return run_id
+
+
+def load_start(model: torch.nn.Module, source: str) -> None:
+    """Load starting weights (masks, which weights files do not hold, stay as they are)."""
+    weights = tracking.load_weights(source)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if not k.endswith("weight_mask")]
+    if missing or unexpected:
+        raise ValueError(f"the weights in {source!r} do not fit this model: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+
+
+def prune(s: Setup, cfg: JobConfig, device: torch.device) -> dict:
+    """Score and mask; returns what the rest of the job (and a resume) needs to know."""
+    p = cfg.prune
+    if cfg.dense():
+        # Compression 1 keeps every weight whatever the pruner: nothing to score.
+        tracking.log_tags({"dense": "true"})
+        result, pruning_time = None, 0.0
+    else:
+        batches = data.pruning_batches(s.ds, p.prune_per_class, p.prune_batch_size, cfg.run.seed)
         # Timed once, between device synchronizations, by the same helper as the testing time.
         timed = measure.time_repeats(
-            lambda: pruning.prune(model, p.pruner, p.compression, prune_batches, scope=p.scope,
-                                  iterations=p.iterations, schedule=p.schedule, invert=p.invert,
-                                  shuffle=p.shuffle, seed=cfg.run.seed),
+            lambda: pruning.prune(s.model, p.pruner, p.compression, batches, scope=p.scope, iterations=p.iterations,
+                                  schedule=p.schedule, invert=p.invert, shuffle=p.shuffle, seed=cfg.run.seed),
             repeats=1, warmup=0, device=device)
         result, pruning_time = timed.result, timed.median
-        if p.reinit:  # ablation: same masks, fresh weights
-            pruning.reinitialize(model, cfg.run.seed + 1)
-        prunable, remaining = masking.count(model)
-        print(f"pruned with {p.pruner} in {pruning_time:.2f}s: {remaining}/{prunable} prunable weights kept "
-              f"(density {remaining / prunable:.4f})", flush=True)
-        if result.collapsed:  # a known failure mode: visible in the run, not only in a log
-            warning = pruning.collapse_message(result.collapsed)
-            tracking.log_tags({"layer_collapse": ",".join(result.collapsed), "warning": warning})
-            print(f"WARNING: {warning}", file=sys.stderr, flush=True)
-        tracking.log_dict(result.score_summary, "score_summary.json")
-        tracking.log_masks(result.masks)
-        init_weights = measure.surviving_weights(model)  # what training starts from, for the histograms
+    if p.reinit:  # ablation: same masks, fresh weights
+        pruning.reinitialize(s.model, cfg.run.seed + 1)
+    return {"pruning_time": pruning_time, "collapsed": result.collapsed if result else [],
+            "score_summary": result.score_summary if result else {},
+            # what training starts from, for the histograms
+            "init_weights": measure.surviving_weights(s.model)}
 
-        # 4. Train the pruned network with a fresh optimizer and schedule.
-        start = time.perf_counter()
-        training.fit(net, train_batches, test_batches, t.post_epochs, *optimizer(), precision=t.precision,
-                     on_epoch=lambda e, m: tracking.log_metrics(m, e))
-        training_time = time.perf_counter() - start
 
-        # 5. Final measurements: accuracy, testing time, FLOPs, parameters, per-layer table, histograms.
-        # The warm-up evaluation gives the accuracy; the timed repeats give test_time.
-        timing = measure.time_repeats(lambda: training.evaluate(net, test_batches, t.precision),
-                                      repeats=cfg.run.timing_repeats, warmup=1, device=device)
-        final = timing.result
-        flops = measure.count_flops(model, torch.zeros(1, *ds.test_x.shape[1:], device=device))
-        layer_density = measure.densities(model)
-        flops_effective = flops.effective_total(layer_density)
-        total_params = sum(q.numel() for q in model.parameters())
-        tracking.log_metrics({
-            # test_top5 and test_loss keep their last per-epoch values (same model, same data).
-            "test_accuracy": final["top1"],
-            "test_time": timing.median, "test_images_per_sec": len(ds.test_y) / timing.median,
-            "test_time_batch_size": t.test_batch_size,
-            "flops_dense": flops.total, "flops_effective": flops_effective,
-            "macs_dense": flops.total / 2, "macs_effective": flops_effective / 2,
-            "theoretical_speedup": flops.total / max(flops_effective, 1.0),
-            "params_total": total_params, "params_prunable": prunable,
-            "params_remaining": remaining, "density": remaining / prunable,
-            "compression_actual": prunable / max(remaining, 1), "pruning_time": pruning_time,
-            "pretraining_time": pre_time, "training_time": training_time,
-        })
-        rows = measure.layer_rows(model, flops)
-        tracking.log_table(rows, "layers")
-        histograms = measure.histogram_record(init_weights, measure.surviving_weights(model), layer_density)
-        tracking.log_dict(histograms, "histograms.json")
-        tracking.log_figure(measure.histogram_figure(histograms, f"{name}: surviving weights"),
-                            "weight_histograms.png")
-        tracking.log_figure(measure.density_figure(rows, f"{name}: density per layer"), "layer_density.png")
-        print(f"test time {timing.median:.3f}s (median of {len(timing.times)}), "
-              f"{flops_effective / 1e9:.4g} of {flops.total / 1e9:.4g} GFLOPs per image", flush=True)
-        print(f"done: test top-1 {final['top1']:.2f}%, run {run.info.run_id}", flush=True)
-        return run.info.run_id
-
+def measure_and_log(s: Setup, cfg: JobConfig, device: torch.device, name: str, pruned: dict,
+                    training_time: float) -> None:
+    t = cfg.train
+    # The warm-up evaluation gives the accuracy; the timed repeats give test_time.
+    timing = measure.time_repeats(lambda: training.evaluate(s.net, s.test_batches, t.precision),
+                                  repeats=cfg.run.timing_repeats, warmup=1, device=device)
+    final = timing.result
+    flops = measure.count_flops(s.model, torch.zeros(1, *s.ds.test_x.shape[1:], device=device))
+    layer_density = measure.densities(s.model)
+    flops_effective = flops.effective_total(layer_density)
+    prunable, remaining = masking.count(s.model)
+    tracking.log_metrics({
+        # test_top5 and test_loss keep their last per-epoch values (same model, same data).
+        "test_accuracy": final["top1"],
+        "test_time": timing.median, "test_images_per_sec": len(s.ds.test_y) / timing.median,
+        "test_time_batch_size": t.test_batch_size,
+        "flops_dense": flops.total, "flops_effective": flops_effective,
+        "macs_dense": flops.total / 2, "macs_effective": flops_effective / 2,
+        "theoretical_speedup": flops.total / max(flops_effective, 1.0),
+        "params_total": sum(q.numel() for q in s.model.parameters()), "params_prunable": prunable,
+        "params_remaining": remaining, "density": remaining / prunable,
+        "compression_actual": prunable / max(remaining, 1), "pruning_time": pruned["pruning_time"],
+        "training_time": training_time,
+    })
+    rows = measure.layer_rows(s.model, flops)
+    tracking.log_table(rows, "layers")
+    histograms = measure.histogram_record(pruned["init_weights"], measure.surviving_weights(s.model), layer_density)
+    tracking.log_dict(histograms, "histograms.json")
+    tracking.log_figure(measure.histogram_figure(histograms, f"{name}: surviving weights"), "weight_histograms.png")
+    tracking.log_figure(measure.density_figure(rows, f"{name}: density per layer"), "layer_density.png")
+    print(f"test time {timing.median:.3f}s (median of {len(timing.times)}), "
+          f"{flops_effective / 1e9:.4g} of {flops.total / 1e9:.4g} GFLOPs per image", flush=True)
+    print(f"done: test top-1 {final['top1']:.2f}%", flush=True)

@@ -10,15 +10,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-# "M" is a 2x2 max-pool. Five pools take 32x32 down to 1x1, so the classifier
-# sees a 512-wide vector, as in the CIFAR variants of VGG used in the pruning
-# literature (one Linear layer, no 4096-wide head).
+# "M" is a 2x2 max-pool. Four pools take 32x32 down to 2x2; a final 2x2 *average*
+# pool then gives the classifier a 512-wide vector. This is the CIFAR VGG of the
+# pruning-at-initialization literature (open_lth's, which Synaptic-Flow's `lottery`
+# models copy): one Linear layer, no 4096-wide head.
 VGG_PLANS = {
-    11: [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
-    13: [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
-    16: [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
-    19: [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
-         512, 512, 512, 512, "M", 512, 512, 512, 512, "M"],
+    11: [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512],
+    13: [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512],
+    16: [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512],
+    19: [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512],
 }
 
 
@@ -37,19 +37,20 @@ class VGG(nn.Module):
                 layers.append(nn.BatchNorm2d(width))
             layers.append(nn.ReLU(inplace=True))
             channels = width
+        layers.append(nn.AvgPool2d(2))
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(channels, num_classes)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        # Every Conv2d and the classifier: He-normal in fan-in mode, std sqrt(2 / fan_in)
+        # (kaiming_normal_'s defaults), biases zero. The classifier's init matters to
+        # magnitude pruning: a much smaller one (N(0, 0.01)) would rank its weights last.
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
             elif isinstance(m, nn.BatchNorm2d):
                 m.reset_parameters()
                 m.reset_running_stats()

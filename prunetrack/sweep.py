@@ -65,7 +65,9 @@ class Cell:
     key: str          # the grid coordinates, e.g. "pruner=mag,compression=10": the `cell` tag
     name: str         # the run name
     config: JobConfig  # resolved, validated
-    config_hash: str
+    config_hash: str  # for a pre-training: its pretrain_hash
+    kind: str = "prune"             # or "pretrain": the shared pre-training some cells start from
+    shared_with: str | None = None  # the key of the cell that computes this one (the dense cell at 1x)
 
 
 @dataclass
@@ -74,6 +76,26 @@ class Spec:
     experiment: str
     cells: list[Cell]
     text: str         # the file as written, logged with the parent run
+
+    def plan(self) -> list[Cell]:
+        """What runs, in order: the cells (skipping those another cell computes), each
+        shared pre-training placed just before the first cell that starts from it."""
+        out, seen = [], set()
+        for cell in self.cells:
+            if cell.shared_with:
+                continue
+            cfg = cell.config
+            if cfg.train.pre_epochs and cfg.pretrain_hash() not in seen:
+                seen.add(cfg.pretrain_hash())
+                out.append(pretrain_cell(cell))
+            out.append(cell)
+        return out
+
+
+def pretrain_cell(cell: Cell) -> Cell:
+    cfg, t = cell.config, cell.config.train
+    name = f"{cfg.model.model}-pretrain-{t.pre_epochs}ep-s{cfg.run.seed}"
+    return Cell(key=f"pretrain:{name}", name=name, config=cfg, config_hash=cfg.pretrain_hash(), kind="pretrain")
 
 
 @dataclass
@@ -99,9 +121,10 @@ class Summary:
         return self.having("failed")
 
     def line(self) -> str:
+        shared = len(self.having("shared"))
         return (f"sweep {self.name}: {len(self.results)} cells: {len(self.having('finished'))} finished, "
-                f"{len(self.having('skipped'))} skipped (already finished), {len(self.failed)} failed "
-                f"in {_clock(self.seconds)}")
+                f"{len(self.having('skipped'))} skipped (already finished), {len(self.failed)} failed"
+                + (f", {shared} computed by another cell" if shared else "") + f" in {_clock(self.seconds)}")
 
 
 # ---------------------------------------------------------------------------- the spec
@@ -170,6 +193,9 @@ def parse_spec(raw: Any, default_name: str = "sweep", text: str = "") -> Spec:
     seen: dict[str, str] = {}
     for cell in cells:
         if cell.config_hash in seen:
+            if cell.config.dense():  # nothing is pruned at 1x: the pruners share one dense network
+                cell.shared_with = seen[cell.config_hash]
+                continue
             raise SpecError(f"cells {seen[cell.config_hash]} and {cell.key} have the same configuration "
                             f"(a repeated grid value, or an override that undoes an axis)")
         seen[cell.config_hash] = cell.key
@@ -235,9 +261,9 @@ def _hint(key: str, valid) -> str:
 # ---------------------------------------------------------------------------- one cell
 
 def cell_command(cell: Cell) -> list[str]:
-    """The `prune` command line of a cell: every field explicit, so the child computes
-    exactly the configuration (and config_hash) the sweep planned."""
-    args = [sys.executable, "-m", "prunetrack", "prune"]
+    """The `prune` (or `pretrain`) command line of a cell: every field explicit, so the
+    child computes exactly the configuration (and config_hash) the sweep planned."""
+    args = [sys.executable, "-m", "prunetrack", cell.kind]
     for key, value in cell.config.flat().items():
         args += ["--" + key.replace("_", "-"), str(value).lower() if isinstance(value, bool) else str(value)]
     return args
@@ -440,15 +466,16 @@ def run_sweep(spec: Spec, parallel: int = 1, executor: str = "local", ray_addres
         for cell in spec.cells:
             cell.config.run.experiment = experiment
     done = tracking.finished_configs(experiment)
-    todo = [c for c in spec.cells if c.config_hash not in done]
-    skipped = [Result(c, "skipped", run_id=done[c.config_hash]) for c in spec.cells if c.config_hash in done]
+    plan = spec.plan()
+    todo = [c for c in plan if c.config_hash not in done]
+    skipped = [Result(c, "skipped", run_id=done[c.config_hash]) for c in plan if c.config_hash in done]
+    shared = [Result(c, "shared") for c in spec.cells if c.shared_with]
     echo(f"sweep {spec.name}: {len(spec.cells)} cells in experiment {experiment!r}: {len(skipped)} already "
-         f"finished, {len(todo)} to run ({executor}" + (f", {parallel} at a time)" if executor == "local" else ")"))
+         f"finished, {len(shared)} computed by another cell, {len(todo)} to run ({executor}"
+         + (f", {parallel} at a time)" if executor == "local" else ")"))
     if dry_run:
-        for c in spec.cells:
-            state = f"skip (run {done[c.config_hash]})" if c.config_hash in done else "run"
-            echo(f"  {c.key:40s} {c.name:40s} {state}")
-        return Summary(spec.name, skipped + [Result(c, "planned") for c in todo], time.time() - start)
+        dry_run_table(spec, plan, done, parallel if executor == "local" else 1, echo)
+        return Summary(spec.name, skipped + shared + [Result(c, "planned") for c in todo], time.time() - start)
 
     if executor == "ray" and ray_address and not tracking.tracking_is_remote():
         raise RuntimeError("cells on a Ray cluster need a tracking server every node can reach: "
@@ -463,7 +490,7 @@ def run_sweep(spec: Spec, parallel: int = 1, executor: str = "local", ray_addres
                              tags={"sweep": spec.name, "sweep_host": host, "sweep_pid": os.getpid()}) as parent:
         tracking.log_text(spec.text or yaml.safe_dump({"name": spec.name}), "sweep.yaml")
         envs = {c.key: cell_env(c, spec.name, parent.info.run_id, uri) for c in todo}
-        progress = _Progress(len(spec.cells), len(skipped), len(todo), start, echo)
+        progress = _Progress(len(plan), len(skipped), len(todo), start, echo)
         if executor == "local":
             stream = run_local(todo, envs, parallel, progress.started)
         else:
@@ -476,8 +503,8 @@ def run_sweep(spec: Spec, parallel: int = 1, executor: str = "local", ray_addres
                                             f"its run:\n{result.output[-2000:]}")
                 results.append(result)
                 progress.finished(result)
-        summary = Summary(spec.name, sorted(results, key=lambda r: spec.cells.index(r.cell)), time.time() - start)
-        tracking.log_metrics({f"cells_{s}": len(summary.having(s)) for s in ("finished", "skipped", "failed")}
+        summary = Summary(spec.name, sorted(results, key=lambda r: plan.index(r.cell)) + shared, time.time() - start)
+        tracking.log_metrics({f"cells_{s}": len(summary.having(s)) for s in ("finished", "skipped", "failed", "shared")}
                              | {"cells_total": len(spec.cells)})
         tracking.log_table([{"cell": r.cell.key, "run_name": r.cell.name, "status": r.status,
                              "run_id": r.run_id or "", "seconds": round(r.seconds, 1),
@@ -491,6 +518,51 @@ def run_sweep(spec: Spec, parallel: int = 1, executor: str = "local", ray_addres
         if summary.failed:
             raise SweepFailed(summary)
     return summary
+
+
+def dry_run_table(spec: Spec, plan: list[Cell], done: dict[str, str], parallel: int,
+                  echo: Callable[[str], None]) -> float:
+    """List every cell with its state (finished / partial at epoch k of n / shared / pending)
+    and its estimated time on this machine, from a short probe; returns the total seconds."""
+    from prunetrack import checkpoint, estimate
+
+    probes: dict[tuple, estimate.Rates] = {}
+    pruners = {c.config.prune.pruner for c in plan}
+    total = 0.0
+    echo(f"  {'cell':36s} {'run name':34s} {'state':30s} {'estimate':>9s}")
+    for c in plan:
+        cfg = c.config
+        if c.config_hash in done:
+            state, left = f"finished (run {done[c.config_hash][:8]})", 0.0
+        else:
+            key = estimate.probe_key(cfg)
+            if key not in probes:
+                echo(f"  (probing {cfg.model.model} on {cfg.run.device}, batch {cfg.train.batch_size}, "
+                     f"{cfg.train.precision} ...)")
+                probes[key] = estimate.probe(cfg, pruners)
+            ck_key = f"pretrain-{c.config_hash}" if c.kind == "pretrain" else c.config_hash
+            saved = checkpoint.peek(cfg.run.checkpoint_dir, ck_key)
+            epochs = cfg.train.pre_epochs if c.kind == "pretrain" else cfg.train.post_epochs
+            if saved:
+                state = f"partial: epoch {saved['epoch']} of {epochs}"
+            else:
+                state = "pending" + (f" (at most {epochs} epochs)" if c.kind == "pretrain" else "")
+            left = estimate.seconds(cfg, probes[key], c.kind, saved["epoch"] if saved else 0)
+            total += left
+        echo(f"  {c.key:36s} {c.name:34s} {state:30s} {_clock(left):>9s}")
+    for c in spec.cells:
+        if c.shared_with:
+            echo(f"  {c.key:36s} {c.name:34s} {'shared: computed by ' + c.shared_with:30s} {_clock(0):>9s}")
+    for key, r in probes.items():
+        rounds = ", ".join(f"{p} {s:.2f}s" for p, s in r.prune_round.items())
+        echo(f"  probe {key[0]} batch {key[2]} {key[4]}: train {r.train:.0f} img/s, test {r.test:.0f} img/s; "
+             f"one pruning round: {rounds}")
+    count, size = checkpoint.disk_usage(plan[0].config.run.checkpoint_dir if plan else "")
+    echo(f"  checkpoints: {count} saved, {size / 2**20:,.0f} MiB in {checkpoint.root(plan[0].config.run.checkpoint_dir if plan else '')}")
+    echo(f"estimated time for what is left: {_clock(total / max(parallel, 1))}"
+         + (f" ({parallel} at a time; {_clock(total)} of cell time)" if parallel > 1 else "")
+         + "; pre-training counted at its maximum epochs")
+    return total
 
 
 def _alive(pid: int) -> bool:

@@ -63,22 +63,58 @@ def env_tags() -> dict[str, str]:
     return {str(k): str(v) for k, v in tags.items()}
 
 
+def experiment_id(name: str) -> str:
+    """The id of the active experiment `name`, created if it does not exist. Runs are
+    started with this id, not through mlflow.set_experiment, whose look-up-then-create
+    races when several jobs start at once (a loser's run landed in Default)."""
+    client = mlflow.MlflowClient()
+    for _ in range(5):
+        exp = client.get_experiment_by_name(name)
+        if exp is not None:
+            if exp.lifecycle_stage != "active":
+                raise TrackingError(f"experiment {name!r} is deleted; restore it (mlflow experiments restore "
+                                    f"--experiment-id {exp.experiment_id}) or choose another name")
+            return exp.experiment_id
+        try:
+            return client.create_experiment(name)
+        except mlflow.exceptions.MlflowException:  # another job created it meanwhile: look it up again
+            continue
+    raise TrackingError(f"cannot create or find experiment {name!r} at {public_uri(mlflow.get_tracking_uri())}")
+
+
+def resumable(run_id: str | None) -> str | None:
+    """`run_id` if that run still exists and is not FINISHED (it can take more epochs)."""
+    if not run_id:
+        return None
+    try:
+        run = mlflow.MlflowClient().get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        return None
+    if run.info.lifecycle_stage != "active" or run.info.status == "FINISHED":
+        return None
+    return run_id
+
+
 @contextlib.contextmanager
-def job_run(experiment: str, run_name: str, tags: dict[str, Any] | None = None):
+def job_run(experiment: str, run_name: str, tags: dict[str, Any] | None = None, resume_run_id: str | None = None):
     """The MLflow run of one job (or sweep). Under `mlflow run` the run already exists (its
-    id is in MLFLOW_RUN_ID) and its experiment and name are mlflow's; otherwise we create
-    it. `tags` and those in PRUNETRACK_RUN_TAGS are set as the run starts, so that even a
-    run that fails at once is attributed to its sweep."""
+    id is in MLFLOW_RUN_ID) and its experiment and name are mlflow's; with `resume_run_id`
+    that run is reopened (status back to RUNNING); otherwise we create one. `tags` and
+    those in PRUNETRACK_RUN_TAGS are set as the run starts, so that even a run that fails
+    at once is attributed to its sweep."""
     tags = {**env_tags(), **{k: str(v) for k, v in (tags or {}).items()}}
-    if not os.environ.get("MLFLOW_RUN_ID"):
-        mlflow.set_experiment(experiment)
     previous = None
     # Installed before the run exists, so a SIGTERM that arrives while it is being
     # created still closes it (as KILLED) instead of leaving it RUNNING.
     with contextlib.suppress(ValueError):  # not in the main thread
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        run = mlflow.start_run(run_name=None if os.environ.get("MLFLOW_RUN_ID") else run_name, tags=tags or None)
+        if os.environ.get("MLFLOW_RUN_ID"):
+            run = mlflow.start_run(tags=tags or None)
+        elif resume_run_id:
+            run = mlflow.start_run(run_id=resume_run_id, tags=tags or None)
+        else:
+            run = mlflow.start_run(experiment_id=experiment_id(experiment), run_name=run_name, tags=tags or None)
         yield run
     except BaseException as e:
         status = "KILLED" if isinstance(e, (KeyboardInterrupt, _Terminated)) else "FAILED"
@@ -93,6 +129,52 @@ def job_run(experiment: str, run_name: str, tags: dict[str, Any] | None = None):
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def logged_steps(run_id: str, key: str) -> set[int]:
+    """The steps at which `key` was logged in a run (to resume without duplicates)."""
+    return {m.step for m in mlflow.MlflowClient().get_metric_history(run_id, key)}
+
+
+def find_pretrain(experiment: str, pretrain_hash: str) -> str | None:
+    """The id of a FINISHED pre-training run with this hash in `experiment`, if any."""
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = client.search_runs([exp.experiment_id], f"attributes.status = 'FINISHED' and "
+                              f"tags.pretrain_hash = '{pretrain_hash}'", max_results=1,
+                              order_by=["attributes.start_time ASC"])
+    return runs[0].info.run_id if runs else None
+
+
+def log_weights(state: dict[str, torch.Tensor], name: str = "weights.pt") -> None:
+    """A model's weights (a state dict, on the CPU) as an artifact."""
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, name)
+        torch.save({k: v.detach().cpu() for k, v in state.items()}, path)
+        mlflow.log_artifact(path)
+
+
+def load_weights(source: str) -> dict[str, torch.Tensor]:
+    """Weights logged by `log_weights`: from a run id, `runs:/<run_id>` (its weights.pt),
+    any artifact URI of such a file, or a local path."""
+    if os.path.isfile(source):
+        path = source
+    else:
+        uri = source if "/" in source or ":" in source else f"runs:/{source}"
+        if not uri.rstrip("/").endswith(".pt"):
+            uri = uri.rstrip("/") + "/weights.pt"
+        try:
+            path = mlflow.artifacts.download_artifacts(artifact_uri=uri)
+        except Exception as e:
+            raise ValueError(f"cannot load weights from {source!r} ({type(e).__name__}: {str(e)[:300]}); "
+                             f"init_from takes a run id, runs:/<run_id> of a run that logged weights.pt, or "
+                             f"a path to such a file") from None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"{source!r} does not hold a state dict of weights")
+    return state
 
 
 def _same(logged: str, value: Any) -> bool:
@@ -227,7 +309,8 @@ def experiment_of_run(run_id: str) -> str:
 
 
 def finished_configs(experiment: str) -> dict[str, str]:
-    """{config_hash: run_id} of the FINISHED runs in `experiment` (none if it does not exist)."""
+    """{config_hash (pretrain_hash for a pre-training): run_id} of the FINISHED runs in
+    `experiment` (none if it does not exist)."""
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
@@ -237,8 +320,9 @@ def finished_configs(experiment: str) -> dict[str, str]:
         page = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'", max_results=1000,
                                   page_token=token)
         for run in page:
-            if "config_hash" in run.data.tags:
-                found.setdefault(run.data.tags["config_hash"], run.info.run_id)
+            key = run.data.tags.get("config_hash") or run.data.tags.get("pretrain_hash")
+            if key:
+                found.setdefault(key, run.info.run_id)
         token = page.token
         if not token:
             return found

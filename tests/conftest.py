@@ -28,6 +28,8 @@ def mlflow_store(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    # Checkpoints go beside the store, not into the user's cache.
+    monkeypatch.setenv("PRUNETRACK_CHECKPOINT_DIR", str(tmp_path / "checkpoints"))
     for var in _MLFLOW_RUN_CONTEXT:
         monkeypatch.delenv(var, raising=False)
     mlflow.set_tracking_uri(uri)

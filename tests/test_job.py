@@ -60,11 +60,15 @@ def test_same_seed_same_run(mlflow_store):
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
-def test_pretraining_then_fresh_training(mlflow_store):
-    run_id = run_job(_job(pre_epochs=1, post_epochs=1, lr_drops="1"))
+def test_pretraining_is_a_run_of_its_own_then_fresh_training(mlflow_store):
+    run_id = run_job(_job(pre_epochs=2, post_epochs=1, lr_drops="1"))
     client = mlflow.MlflowClient()
-    assert len(client.get_metric_history(run_id, "pre_train_loss")) == 1
-    assert len(client.get_metric_history(run_id, "train_loss")) == 1
+    run = client.get_run(run_id)
+    pre = client.get_run(run.data.tags["pretrain_run"])
+    assert pre.info.status == "FINISHED" and pre.data.tags["prunetrack.kind"] == "pretrain"
+    assert [m.step for m in client.get_metric_history(pre.info.run_id, "train_loss")] == [1, 2]
+    assert "weights.pt" in {a.path for a in client.list_artifacts(pre.info.run_id)}
+    assert [m.step for m in client.get_metric_history(run_id, "train_loss")] == [1]
 
 
 def test_failure_ends_run_failed_with_reason(mlflow_store, tmp_path):

@@ -90,7 +90,12 @@ def test_grid_expands_with_overrides(tmp_path):
 def test_shipped_smoke_spec_plans_its_grid(tmp_path, mlflow_store):
     result = CliRunner().invoke(cli.cli, ["sweep", os.path.join(REPO, "sweeps", "smoke.yaml"), "--dry-run"])
     assert result.exit_code == 0, result.output
-    assert "4 cells" in result.output and result.output.count(" run\n") == 4
+    assert "4 cells" in result.output and result.output.count(" pending ") == 5  # and the pre-training
+    # Magnitude's pre-training is planned once, before the first Magnitude cell.
+    lines = [line.split()[0] for line in result.output.splitlines() if " pending" in line]
+    assert lines == ["pruner=rand,compression=2", "pruner=rand,compression=10", "pretrain:resnet20-pretrain-1ep-s0",
+                     "pruner=mag,compression=2", "pruner=mag,compression=10"]
+    assert "estimated time for what is left:" in result.output
     assert runs("prunetrack-smoke") == []  # a dry run creates nothing
 
 

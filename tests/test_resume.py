@@ -1,0 +1,190 @@
+"""Resume inside a job, shared pre-training and the dense cell: what makes a long study
+survive interruptions and not repeat work."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import pytest
+import torch
+
+from prunetrack import checkpoint, job, load_masks, tracking
+from prunetrack.config import JobConfig
+from prunetrack.job import run_job
+from tests.conftest import REPO, SMOKE
+
+
+def _job(**overrides) -> JobConfig:
+    return JobConfig.from_flat({**SMOKE, "pruner": "mag", "compression": 10, "train_subset": 300,
+                                "test_subset": 100, "batch_size": 64, "precision": "fp32", **overrides})
+
+
+@pytest.fixture
+def final_weights(monkeypatch):
+    """The weights each job ends with, captured as it measures them."""
+    captured = []
+    original = job.measure_and_log
+
+    def capture(s, *args, **kwargs):
+        captured.append({k: v.detach().clone() for k, v in s.model.state_dict().items()})
+        return original(s, *args, **kwargs)
+
+    monkeypatch.setattr(job, "measure_and_log", capture)
+    return captured
+
+
+def _steps(run_id: str, key: str = "train_loss") -> list[int]:
+    return [m.step for m in mlflow.MlflowClient().get_metric_history(run_id, key)]
+
+
+def test_interrupted_job_resumes_in_the_same_run_with_the_same_weights(mlflow_store, final_weights, monkeypatch,
+                                                                       capsys):
+    cfg = dict(post_epochs=4)
+    straight = run_job(_job(**cfg))
+
+    # Interrupted (Ctrl-C) right after epoch 2's checkpoint, before its metrics are logged.
+    real_log = tracking.log_metrics
+
+    def interrupt(metrics, step=None):
+        if step == 2 and "train_loss" in metrics:
+            raise KeyboardInterrupt
+        real_log(metrics, step)
+
+    monkeypatch.setattr(tracking, "log_metrics", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run_job(_job(**cfg))
+    monkeypatch.setattr(tracking, "log_metrics", real_log)
+    client = mlflow.MlflowClient()
+    killed = [r for r in client.search_runs([r.info.experiment_id for r in [client.get_run(straight)]])
+              if r.info.run_id != straight][0]
+    assert killed.info.status == "KILLED" and _steps(killed.info.run_id) == [1]
+
+    capsys.readouterr()
+    resumed = run_job(_job(**cfg))
+    assert resumed == killed.info.run_id  # the same MLflow run, FINISHED now
+    assert "resuming from the checkpoint" in capsys.readouterr().out
+    assert client.get_run(resumed).info.status == "FINISHED"
+    assert _steps(resumed) == [1, 2, 3, 4] and _steps(resumed, "test_top1") == [1, 2, 3, 4]
+    assert client.get_run(resumed).data.tags["resumed_at_epoch"] == "2"
+    # fp32 on the CPU: bit for bit what the uninterrupted job computed.
+    a, b = final_weights[0], final_weights[1]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    losses = {r: [m.value for m in sorted(client.get_metric_history(r, "train_loss"), key=lambda m: m.step)]
+              for r in (straight, resumed)}
+    assert losses[straight] == losses[resumed]
+    # A FINISHED run keeps no checkpoint.
+    assert not os.path.exists(os.path.join(checkpoint.root(), job.resolve(_job(**cfg)).config_hash()))
+
+
+def test_resume_false_starts_over(mlflow_store, monkeypatch):
+    real_fit = job.training.fit
+
+    def one_epoch_then_interrupt(*args, **kwargs):
+        on_epoch = args[6]
+
+        def stop(epoch, metrics):
+            on_epoch(epoch, metrics)
+            raise KeyboardInterrupt
+        return real_fit(*args[:6], stop, **kwargs)
+
+    monkeypatch.setattr(job.training, "fit", one_epoch_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run_job(_job(post_epochs=2))
+    monkeypatch.setattr(job.training, "fit", real_fit)
+    first = mlflow.search_runs(search_all_experiments=True, output_format="list")[0]
+    again = run_job(_job(post_epochs=2, resume=False))
+    assert again != first.info.run_id and _steps(again) == [1, 2]
+    assert mlflow.MlflowClient().get_run(first.info.run_id).info.status == "KILLED"
+
+
+def test_a_configuration_runs_in_one_process_at_a_time(mlflow_store):
+    cfg = job.resolve(_job())
+    with checkpoint.Checkpoint("", cfg.config_hash()):
+        with pytest.raises(checkpoint.CheckpointBusy, match="another process"):
+            run_job(_job())
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
+
+
+def test_kill_9_mid_epoch_loses_at_most_that_epoch(mlflow_store, tmp_path):
+    """A job SIGKILLed during an epoch, run again, continues from its last finished epoch in
+    the same MLflow run (the sweep and `mlflow run` start jobs the same way)."""
+    args = [sys.executable, "-m", "prunetrack", "prune", "--dataset", "synthetic", "--model", "resnet20",
+            "--pruner", "rand", "--compression", "5", "--batch-size", "32", "--post-epochs", "6",
+            "--precision", "fp32", "--device", "cpu"]
+    env = {**os.environ, "PYTHONPATH": REPO}
+    cfg = job.resolve(JobConfig.from_flat(dict(dataset="synthetic", model="resnet20", pruner="rand", compression=5,
+                                               batch_size=32, post_epochs=6, precision="fp32", device="cpu")))
+    progress = os.path.join(checkpoint.root(), cfg.config_hash(), checkpoint.PROGRESS)
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:
+            if os.path.exists(progress):
+                with open(progress) as f:
+                    if json.load(f)["epoch"] >= 2:
+                        break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the job did not finish two epochs in time")
+        time.sleep(0.3)  # into the next epoch
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    with open(progress) as f:
+        done = json.load(f)["epoch"]
+    assert 2 <= done < 6
+    run_id = mlflow.search_runs(search_all_experiments=True, output_format="list")[0].info.run_id
+    assert mlflow.MlflowClient().get_run(run_id).info.status == "RUNNING"  # nobody could close it
+
+    out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"epoch {done}/6 finished; continuing in the same run" in out.stdout
+    assert f"run {run_id}:" in out.stdout
+    assert mlflow.MlflowClient().get_run(run_id).info.status == "FINISHED"
+    assert _steps(run_id) == [1, 2, 3, 4, 5, 6]
+
+
+def test_magnitude_cells_share_one_pretraining(mlflow_store, capsys):
+    runs = [run_job(_job(compression=c, pre_epochs=2, post_epochs=1)) for c in (2, 5)]
+    client = mlflow.MlflowClient()
+    exp = client.get_run(runs[0]).info.experiment_id
+    pre = client.search_runs([exp], "tags.`prunetrack.kind` = 'pretrain'")
+    assert len(pre) == 1
+    assert {client.get_run(r).data.tags["pretrain_run"] for r in runs} == {pre[0].info.run_id}
+    assert "starting from run" in capsys.readouterr().out
+
+    # Any trained weights can be pruned: the same ones, named by the user, give the same masks.
+    own = run_job(_job(compression=5, init_from=f"runs:/{pre[0].info.run_id}", post_epochs=1))
+    a, b = load_masks(f"runs:/{runs[1]}"), load_masks(f"runs:/{own}")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pretraining_stops_when_the_test_loss_stops_improving(mlflow_store, monkeypatch):
+    losses = iter([2.0, 1.0, 1.5, 1.2, 1.1, 0.5])
+    real = job.training.evaluate
+
+    def evaluate(model, batches, precision="fp32"):  # a scripted test-loss curve
+        return {**real(model, batches, precision), "loss": next(losses)}
+
+    monkeypatch.setattr(job.training, "evaluate", evaluate)
+    from prunetrack import pretrain
+
+    cfg = job.resolve(_job(pre_epochs=6, pre_patience=2))
+    run_id = pretrain.obtain(cfg, torch.device("cpu"))
+    run = mlflow.MlflowClient().get_run(run_id)
+    # Best at epoch 2; epochs 3 and 4 do not improve on it: stop after epoch 4.
+    assert run.data.metrics["epochs_run"] == 4 and run.data.metrics["best_epoch"] == 2
+    assert run.data.tags["stopped"] == "patience"
+
+
+def test_dense_cell_is_one_configuration(mlflow_store):
+    dense = [_job(pruner=p, compression=1) for p in ("rand", "snip", "grasp", "synflow")]
+    assert len({job.resolve(c).config_hash() for c in dense}) == 1
+    assert _job(pruner="rand", compression=1).config_hash() != _job(pruner="rand", compression=2).config_hash()
+    run = mlflow.MlflowClient().get_run(run_job(_job(pruner="synflow", compression=1)))
+    assert run.data.tags["dense"] == "true" and run.data.metrics["density"] == 1.0
