@@ -7,8 +7,9 @@ ToTensor, Normalize), masked layers recomputing weight * mask on every forward
 (torch.nn.utils.prune), float32, default memory layout.
 
 prunetrack: the dataset resident on the device as uint8, batched augmentation there,
-masks applied once after each optimizer step, channels-last, bf16 autocast on CUDA,
-optionally torch.compile.
+masks applied once after each optimizer step, channels-last, bf16 autocast where the
+hardware has native bf16 (and fp32 beside it), optionally torch.compile. The matmul peak
+of each precision is measured in the same run, and training is shown as a share of it.
 
     python benchmarks/throughput.py                        # CPU or the first GPU
     python benchmarks/throughput.py --models vgg16 --steps 50 --data-dir data
@@ -152,6 +153,22 @@ def eval_step_fn(model, precision, device):
     return step
 
 
+def matmul_peak(device, dtype, n: int = 4096, repeats: int = 5) -> float:
+    """GFLOP/s of a large square matrix product in `dtype`: the machine's practical peak,
+    the yardstick for how much of it training uses. The best of `repeats`."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        measure.device_sync(device)()
+        start = time.perf_counter()
+        a @ b
+        measure.device_sync(device)()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
 def table(title: str, header: list[str], rows: list[list]) -> None:
     print(f"\n{title}")
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
@@ -187,14 +204,19 @@ def main():
     warmup = args.warmup or (10 if cuda else 1)
     rounds = max(1, args.rounds)
     workers = args.workers if args.workers >= 0 else min(8, len(__import__("os").sched_getaffinity(0)))
-    precision = "auto"
+    precision = training.resolve_precision("auto", device)
     bs = args.batch_size
     n_train = bs * (max(steps, 100) + warmup + 1)
     ds = load_images(args.data_dir, min(50000, n_train), min(10000, bs * (steps + warmup)))
     name = torch.cuda.get_device_name(device) if cuda else f"CPU {platform.processor() or platform.machine()}"
     print(f"device: {name}; torch {torch.__version__}; batch {bs}; {steps} timed steps after {warmup}; "
           f"data: {ds.name}; reference DataLoader workers: {workers}; "
-          f"prunetrack precision: {'bf16 autocast' if cuda else 'fp32'}, channels-last")
+          f"prunetrack precision (auto): {precision}, channels-last")
+
+    # 0. The machine's matmul peak in each precision: what a training step could reach at best.
+    peaks = {p: matmul_peak(device, dtype) for p, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    table("Matrix-product peak (4096x4096, best of 5), GFLOP/s", ["precision", "GFLOP/s"],
+          [[p, f"{g:,.0f}"] for p, g in peaks.items()])
 
     # 1. The data path alone: augmented, normalized batches on the device.
     gen = torch.Generator(device=device).manual_seed(0)
@@ -221,10 +243,12 @@ def main():
         model = masking.add_masks(models.get_model(model_name)).to(device)
         pruning.prune(model, "rand", args.compression)
         ref_model = reference_model(model)
-        model = model.to(memory_format=torch.channels_last)
-        variants = [("prunetrack", model, ours, precision)]
+        model = training.prepare(model)  # as jobs build it
+        variants = [(f"prunetrack {precision}", model, ours, precision)]
+        if precision != "fp32":
+            variants.append(("prunetrack fp32", model, ours, "fp32"))
         if args.compile:
-            variants.append(("prunetrack+compile", torch.compile(model), ours, precision))
+            variants.append((f"prunetrack+compile {precision}", torch.compile(model), ours, precision))
         variants.append(("reference", ref_model, ref, "fp32"))
         # Rounds alternate the pipelines (A B A B ...) so that drift in clock speed or
         # background load hits both alike; each pipeline's number is its median round.
@@ -245,18 +269,25 @@ def main():
                 samples[label][1].append(images_per_second(eval_step, test_batches, steps, warmup, device))
                 samples[label][2].append(peak_memory_mb(device))
         results = {label: (statistics.median(t), statistics.median(e), max(m)) for label, (t, e, m) in samples.items()}
+        # A training step is about 3 forward passes of work (forward, and the input and
+        # weight gradients); dense kernels do all of it whatever the masks.
+        step_flops = 3 * measure.count_flops(model, torch.zeros(1, 3, 32, 32, device=device)).total
+        prec_of = {label: prec for label, _, _, prec in variants}
         for label, (train, evals, peak) in results.items():
             spread = (f" ({min(samples[label][0]):,.0f}-{max(samples[label][0]):,.0f})" if rounds > 1 else "")
-            rows.append([model_name, label, f"{train:,.0f}{spread}", f"{evals:,.0f}", f"{peak:,.0f}"])
+            gflops = train * step_flops / 1e9
+            share = gflops / peaks["bf16" if prec_of[label] == "bf16" else "fp32"]
+            rows.append([model_name, label, f"{train:,.0f}{spread}", f"{gflops:,.0f} ({share:.0%})", f"{evals:,.0f}",
+                         f"{peak:,.0f}"])
         base = results["reference"]
         for label, (train, evals, _) in results.items():
             if label != "reference":
                 per_round = ", ".join(f"{a / b:.2f}" for a, b in zip(samples[label][0], samples["reference"][0]))
                 rows.append([model_name, f"{label} / reference", f"{train / base[0]:.2f}x"
-                             + (f" (rounds: {per_round})" if rounds > 1 else ""), f"{evals / base[1]:.2f}x", ""])
+                             + (f" (rounds: {per_round})" if rounds > 1 else ""), "", f"{evals / base[1]:.2f}x", ""])
     table(f"Training and evaluation, {args.compression:g}x pruned, batch {bs}, images/s "
           f"(median of {rounds} alternating round(s){'; train range in brackets' if rounds > 1 else ''})",
-          ["model", "pipeline", "train img/s", "eval img/s",
+          ["model", "pipeline", "train img/s", "train GFLOP/s (of its precision's peak)", "eval img/s",
            "peak GPU MB" if cuda else "peak RSS MB (process, so far)"], rows)
 
     # 3. Pruning time per pruner (prunetrack; the pruning data is 10 images per class).

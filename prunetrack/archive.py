@@ -17,13 +17,15 @@ Parent/child links (a sweep and its cells) are kept, pointing at the new run ids
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import gzip
 import json
 import os
 import tempfile
+import zlib
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import mlflow
 from mlflow.entities import Metric, Param, RunTag
@@ -38,15 +40,21 @@ PARENT = "mlflow.parentRunId"
 # Logged-model records point into the original store; they are not carried over.
 DROPPED_TAGS = {"mlflow.log-model.history"}
 BATCH = 100  # log_batch takes at most 100 params or tags, 1000 metrics, per call
+STATUSES = ("FINISHED", "FAILED", "KILLED")
+# What every run record holds, and the JSON types each value may have.
+RECORD = {"run_id": (str,), "run_name": (str, type(None)), "status": (str,), "start_time": (int,),
+          "end_time": (int, type(None)), "params": (dict,), "tags": (dict,), "metrics": (dict,),
+          "artifacts": (dict,)}
 
 
 class ArchiveError(RuntimeError):
     """A file that is not an export, or an experiment that does not exist."""
 
 
-def _open(path: str, mode: str):
-    return gzip.open(path, mode + "t", encoding="utf-8") if path.endswith(".gz") else open(path, mode,
-                                                                                           encoding="utf-8")
+def _open(path: str, mode: str, gz: bool | None = None):
+    if path.endswith(".gz") if gz is None else gz:
+        return gzip.open(path, mode + "t", encoding="utf-8")
+    return open(path, mode, encoding="utf-8")
 
 
 @dataclass
@@ -79,8 +87,24 @@ def export_runs(experiment: str, path: str, echo: Callable[[str], None] = lambda
                               order_by=["attributes.start_time ASC"])
     kept = [r for r in runs if r.data.tags.get(tracking.KIND_TAG) != "report" and r.info.status != "RUNNING"]
     running = sum(r.info.status == "RUNNING" for r in runs)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with _open(path, "w") as fh:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    # Written beside `path` and renamed onto it once complete: a failed export leaves any
+    # earlier file as it was, never a half-written one.
+    part = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.part")
+    try:
+        _write_export(client, experiment, kept, part, path.endswith(".gz"), echo)
+        os.replace(part, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(part)
+        raise
+    return ExportSummary(path, len(kept), running, os.path.getsize(path))
+
+
+def _write_export(client: MlflowClient, experiment: str, kept: list, path: str, gz: bool,
+                  echo: Callable[[str], None]) -> None:
+    with _open(path, "w", gz) as fh:
         header = {"format": FORMAT, "experiment": experiment, "runs": len(kept),
                   "exported": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   "mlflow_version": mlflow.__version__}
@@ -99,33 +123,64 @@ def export_runs(experiment: str, path: str, echo: Callable[[str], None] = lambda
             }
             fh.write(json.dumps(record, separators=(",", ":")) + "\n")
             echo(f"[{i}/{len(kept)}] {r.info.run_name} ({run_id[:8]}, {r.info.status})")
-    return ExportSummary(path, len(kept), running, os.path.getsize(path))
 
 
-def read_export(path: str) -> tuple[dict, Iterator[dict]]:
-    """The header and an iterator over the run records of an export file."""
-    fh = _open(path, "r")
+def read_export(path: str) -> tuple[dict, list[dict]]:
+    """The header and the run records of an export file, all checked first: ArchiveError
+    naming the line and what is wrong, so that an import writes nothing from a broken file."""
     try:
-        first = fh.readline()
-        header = json.loads(first) if first.strip() else {}
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
-        fh.close()
+        with _open(path, "r") as fh:
+            lines = fh.readlines()
+    except (EOFError, zlib.error, OSError) as e:  # gzip's own errors; BadGzipFile is an OSError
+        what = "truncated or corrupt gzip file" if path.endswith(".gz") else "file that cannot be read"
+        raise ArchiveError(f"{path} is a {what} ({type(e).__name__}: {e}); export it again") from None
+    except UnicodeDecodeError as e:
+        raise ArchiveError(f"{path} is not a prunetrack export ({e})") from None
+    try:
+        header = json.loads(lines[0]) if lines and lines[0].strip() else {}
+    except json.JSONDecodeError as e:
         raise ArchiveError(f"{path} is not a prunetrack export ({type(e).__name__}: {e})") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
-        fh.close()
         raise ArchiveError(f"{path} is not a prunetrack export (its first line has no \"format\": \"{FORMAT}\"); "
                            "write one with `prunetrack export`")
+    if not isinstance(header.get("experiment"), str) or not isinstance(header.get("runs"), int):
+        raise ArchiveError(f"{path}, line 1: the header lacks the experiment name or the run count")
+    records = []
+    for n, line in enumerate(lines[1:], 2):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ArchiveError(f"{path}, line {n}: not a JSON run record ({e}); the file is damaged") from None
+        problem = _record_problem(record)
+        if problem:
+            raise ArchiveError(f"{path}, line {n}: {problem}; the file is damaged: export it again")
+        records.append(record)
+    if len(records) != header["runs"]:
+        raise ArchiveError(f"{path}: the header announces {header['runs']} runs but the file holds {len(records)}; "
+                           "it was cut short or edited: export it again")
+    return header, records
 
-    def records():
-        with fh:
-            for n, line in enumerate(fh, 2):
-                if line.strip():
-                    try:
-                        yield json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ArchiveError(f"{path}, line {n}: not a JSON run record ({e})") from None
 
-    return header, records()
+def _record_problem(record) -> str | None:
+    """What is wrong with one run record, or None."""
+    if not isinstance(record, dict):
+        return f"a run record is a JSON object, got {type(record).__name__}"
+    missing = [key for key in RECORD if key not in record]
+    if missing:
+        return f"the run record has no {', '.join(missing)}"
+    for key, kinds in RECORD.items():
+        if not isinstance(record[key], kinds):
+            return f"{key} is {record[key]!r:.80}, not {' or '.join('null' if k is type(None) else k.__name__ for k in kinds)}"
+    if record["status"] not in STATUSES:
+        return f"status {record['status']!r} is not one of {', '.join(STATUSES)}"
+    for key, history in record["metrics"].items():
+        if not isinstance(history, list) or not all(isinstance(m, list) and len(m) == 3 for m in history):
+            return f"metric {key!r} is not a list of [step, timestamp, value]"
+    if not all(isinstance(text, str) for text in record["artifacts"].values()):
+        return "artifacts must map file names to their text"
+    return None
 
 
 @dataclass
@@ -138,7 +193,8 @@ class ImportSummary:
 def import_runs(path: str, experiment: str | None = None,
                 echo: Callable[[str], None] = lambda line: None) -> ImportSummary:
     """Recreate the runs of an export in the current tracking store, in `experiment`
-    (default: the experiment they were exported from)."""
+    (default: the experiment they were exported from). The whole file is checked before
+    anything is written."""
     header, records = read_export(path)
     name = experiment or header["experiment"]
     try:

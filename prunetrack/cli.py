@@ -51,11 +51,12 @@ def prune(**values):
     """
     from prunetrack.checkpoint import CheckpointBusy
     from prunetrack.job import run_job
+    from prunetrack.tracking import TrackingError
 
     cfg = _job_config(values)
     try:
         run_job(cfg)
-    except CheckpointBusy as e:
+    except (CheckpointBusy, TrackingError) as e:
         raise click.ClickException(str(e)) from None
 
 
@@ -72,11 +73,15 @@ def pretrain(**values):
     """
     from prunetrack import pretrain as pretraining
     from prunetrack.job import resolve, resolve_device
+    from prunetrack.tracking import TrackingError
 
     cfg = _job_config(values)
     if not cfg.train.pre_epochs:
         raise click.BadParameter("pre_epochs is 0: nothing to pre-train; pass --pre-epochs N")
-    pretraining.obtain(resolve(cfg), resolve_device(cfg.run.device))
+    try:
+        pretraining.obtain(resolve(cfg), resolve_device(cfg.run.device))
+    except TrackingError as e:
+        raise click.ClickException(str(e)) from None
 
 
 def _job_config(values: dict) -> config.JobConfig:
@@ -163,6 +168,7 @@ def sweep(spec, parallel, executor, ray_address, dry_run):
       prunetrack sweep sweeps/smoke.yaml --parallel 2
     """
     from prunetrack import sweep as sweeps
+    from prunetrack.tracking import TrackingError
 
     try:
         loaded = sweeps.load_spec(spec)
@@ -171,7 +177,34 @@ def sweep(spec, parallel, executor, ray_address, dry_run):
     try:
         sweeps.run_sweep(loaded, parallel=parallel, executor=executor, ray_address=ray_address, dry_run=dry_run,
                          echo=lambda line: click.echo(line))
-    except sweeps.SweepFailed as e:
+    except (sweeps.SweepFailed, TrackingError) as e:
+        raise click.ClickException(str(e)) from None
+
+
+@cli.command("time")
+@click.option("--experiment", required=True, help="MLflow experiment whose FINISHED prune runs are timed.")
+@click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Timed test-set evaluations per run, one per round, runs interleaved.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Evaluation batch size.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--data-dir", default="", help="Where the dataset is (default: each run's data_dir).")
+@click.option("--models", default="", callback=_csv(str, "model names"), help="Only these models (default: all).")
+def time_cmd(experiment, rounds, batch_size, device, data_dir, models):
+    """Time inference under the same conditions for every finished run: rebuild each
+    network from its logged masks, time a full test-set evaluation of each in interleaved
+    rounds, and log the median and spread (timed_test_time*) and the conditions
+    (timing.* tags) to each run. Run it with nothing else running; the report's
+    testing-time table uses it.
+
+    \b
+    Example:
+      prunetrack time --experiment study --rounds 5
+    """
+    from prunetrack import timing, tracking
+
+    try:
+        timing.time_runs(experiment, rounds, batch_size, device, data_dir, models, echo=click.echo)
+    except (tracking.TrackingError, ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
 
 

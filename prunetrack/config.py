@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,6 +139,10 @@ class JobConfig:
                     valid = choices(meta["choices"])
                     if value not in valid:
                         raise ValueError(f"unknown {f.name} {value!r}; choose one of: {', '.join(valid)}")
+                # nan slips past the minimum check below, and inf is no usable ratio or rate.
+                if f.type in ("float", float) and isinstance(value, float) and not math.isfinite(value):
+                    at_least = f" >= {meta['min']:g}" if meta.get("min") is not None else ""
+                    raise ValueError(f"{f.name} must be a finite number{at_least}, got {value!r}")
                 if meta.get("min") is not None and value < meta["min"]:
                     raise ValueError(f"{f.name} must be >= {meta['min']:g}, got {value!r}")
         self.train.lr_drop_epochs()

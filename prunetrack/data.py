@@ -21,6 +21,10 @@ class DataNotFoundError(FileNotFoundError):
     """The dataset is not where we looked and could not be downloaded."""
 
 
+class DataCorruptError(ValueError):
+    """A dataset file is there but cannot be read (truncated, or not the official format)."""
+
+
 @dataclass
 class Dataset:
     name: str
@@ -40,8 +44,16 @@ class Dataset:
 
 
 def _read_pickle(path: str) -> dict:
-    with open(path, "rb") as f:
-        return pickle.load(f, encoding="bytes")
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="bytes")
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, UnicodeDecodeError) as e:
+        folder = os.path.dirname(os.path.abspath(path))
+        data_dir = os.path.dirname(folder)
+        offline = (f", or write it again from the offline copy: python ../shared/data/cifar10_jpeg.py "
+                   f"materialize {data_dir}" if os.path.basename(folder) == "cifar-10-batches-py" else "")
+        raise DataCorruptError(f"{os.path.abspath(path)} is truncated or corrupt ({type(e).__name__}: {e}). "
+                               f"Delete {folder} and download it again (--download true){offline}.") from None
 
 
 def _read_official(folder: str, files: list[str], label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
@@ -144,6 +156,10 @@ def load(name: str, data_dir: str = "data", download: bool = True, train_subset:
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
     ds = DATASETS[name](data_dir, download, seed)
+    for split, wanted, have in (("train", train_subset, len(ds.train_y)), ("test", test_subset, len(ds.test_y))):
+        if wanted > have:
+            raise ValueError(f"{split}_subset={wanted} is larger than the {name} {split} set ({have} examples "
+                             f"available); use at most {have}, or 0 for all of it")
     # The official files are already in a random, class-mixed order, so a prefix is a fair subset.
     if train_subset:
         ds.train_x, ds.train_y = ds.train_x[:train_subset], ds.train_y[:train_subset]

@@ -43,7 +43,7 @@ def probe(cfg: JobConfig, pruners: set[str], steps: int = 2) -> Rates:
     device = resolve_device(cfg.run.device)
     t = cfg.train
     classes = 100 if cfg.data.dataset == "cifar100" else 10
-    model = masking.add_masks(models.get_model(cfg.model.model, classes)).to(device, memory_format=torch.channels_last)
+    model = training.prepare(masking.add_masks(models.get_model(cfg.model.model, classes)).to(device))
     opt, _ = training.make_optimizer(t.optimizer, model, t.lr, t.weight_decay, [], 0.1)
 
     def batch(n):

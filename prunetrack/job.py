@@ -81,9 +81,7 @@ def build(cfg: JobConfig, device: torch.device) -> Setup:
     ds = data.load(cfg.data.dataset, cfg.data.data_dir, cfg.data.download, cfg.data.train_subset,
                    cfg.data.test_subset, cfg.run.seed).to(device)
     model = masking.add_masks(models.get_model(cfg.model.model, ds.num_classes)).to(device)
-    # Channels-last activations and weights: cuDNN's fastest (tensor-core) convolutions
-    # on CUDA, and oneDNN's on CPU (BENCHMARKS.md: VGG16 trains 5-10% faster on CPU).
-    model = model.to(memory_format=torch.channels_last)
+    model = training.prepare(model)
     # It shares its parameters and masks with `model`, which the pruners score uncompiled.
     net = torch.compile(model) if cfg.train.compile else model
     stream = torch.Generator(device=device).manual_seed(cfg.run.seed)
@@ -144,8 +142,13 @@ def train_phase(s: Setup, cfg: JobConfig, ckpt: checkpoint.Checkpoint, state: di
         ckpt.save(snapshot(0))
     start = history[-1]["epoch"] if history else 0
     if not stopped(start):
-        training.fit(s.net, s.train_batches, s.test_batches, epochs, opt, sched, on_epoch, label=phase,
-                     precision=t.precision, start_epoch=start)
+        try:
+            training.fit(s.net, s.train_batches, s.test_batches, epochs, opt, sched, on_epoch, label=phase,
+                         precision=t.precision, start_epoch=start)
+        except training.Diverged as e:  # the run ends FAILED (job_run); the tag and the loss show why
+            tracking.log_tags({"diverged": e.epoch})
+            tracking.log_metrics({"train_loss": e.loss}, e.epoch)
+            raise
     if patience and best is not None:
         s.model.load_state_dict(best["model"])
     return history
@@ -159,6 +162,7 @@ def run_job(cfg: JobConfig) -> str:
     resolve(cfg)
     p, t = cfg.prune, cfg.train
     name = run_name(cfg)
+    tracking.prepare_store()  # a dead server fails here, in seconds; a new SQLite store is created once
 
     # 0. Starting weights: a shared pre-training (run once, in a run of its own), or any
     #    trained weights the user names.
@@ -244,7 +248,8 @@ def prune(s: Setup, cfg: JobConfig, device: torch.device) -> dict:
         # Timed once, between device synchronizations, by the same helper as the testing time.
         timed = measure.time_repeats(
             lambda: pruning.prune(s.model, p.pruner, p.compression, batches, scope=p.scope, iterations=p.iterations,
-                                  schedule=p.schedule, invert=p.invert, shuffle=p.shuffle, seed=cfg.run.seed),
+                                  schedule=p.schedule, invert=p.invert, shuffle=p.shuffle, seed=cfg.run.seed,
+                                  progress=training.Progress(f"pruning with {p.pruner}", p.iterations, unit="round")),
             repeats=1, warmup=0, device=device)
         result, pruning_time = timed.result, timed.median
     if p.reinit:  # ablation: same masks, fresh weights

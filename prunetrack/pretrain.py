@@ -29,6 +29,7 @@ def experiment_of(cfg: JobConfig) -> str:
 def obtain(cfg: JobConfig, device: torch.device) -> str:
     """The run id of the FINISHED pre-training `cfg` asks for, running it first if there
     is none. Two jobs that need the same one at once: the second waits for the first."""
+    tracking.prepare_store()
     experiment, key = experiment_of(cfg), cfg.pretrain_hash()
     found = tracking.find_pretrain(experiment, key)
     if found:

@@ -16,6 +16,7 @@ import itertools
 import math
 import warnings
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -272,7 +273,8 @@ class PruneResult:
 
 def prune(model: nn.Module, pruner: str, compression: float, batches: Batches | None = None,
           scope: str = "global", iterations: int = 0, schedule: str = "exponential",
-          invert: bool = False, shuffle: bool = False, seed: int = 0) -> PruneResult:
+          invert: bool = False, shuffle: bool = False, seed: int = 0,
+          progress: Callable[[int], None] | None = None) -> PruneResult:
     """Score and mask `model` in place so that round(total / compression) prunable
     weights survive. Returns the masks, also installed as each layer's `weight_mask`.
 
@@ -311,6 +313,8 @@ def prune(model: nn.Module, pruner: str, compression: float, batches: Batches | 
             ranked = {n: -s for n, s in scores.items()} if invert else scores
             masks = masks_from_scores(ranked, alive, k, scope)
             masking.set_masks(model, masks)
+            if progress:
+                progress(r)
     finally:
         model.load_state_dict(saved)
         model.zero_grad(set_to_none=True)

@@ -180,9 +180,12 @@ def parse_spec(raw: Any, default_name: str = "sweep", text: str = "") -> Spec:
         when = {k: [_values({k: v}, f"{where}.when.{k}")[k] for v in (vs if isinstance(vs, list) else [vs])]
                 for k, vs in rule["when"].items()}
         rules.append((when, _values(rule["set"], f"{where}.set")))
+    if not grid:  # otherwise the sweep would silently be one job of the base settings
+        raise SpecError(f"spec {name!r} has no grid: list at least one axis, e.g. grid: {{seed: [0]}} "
+                        f"(a single job is `prunetrack prune`)")
 
     cells = []
-    for combo in itertools.product(*grid.values()) if grid else [()]:
+    for combo in itertools.product(*grid.values()):
         point = dict(zip(grid, combo))
         values = {**base, **point}
         for when, changes in rules:
@@ -235,7 +238,7 @@ def _default(key: str) -> Any:
 def _cell(point: dict[str, Any], values: dict[str, Any], experiment: str) -> Cell:
     from prunetrack.job import resolve
 
-    key = ",".join(f"{k}={_fmt(v)}" for k, v in point.items()) or "base"
+    key = ",".join(f"{k}={_fmt(v)}" for k, v in point.items())
     try:
         cfg = JobConfig.from_flat(values).validate()
     except (ValueError, TypeError) as e:
@@ -460,6 +463,7 @@ def run_sweep(spec: Spec, parallel: int = 1, executor: str = "local", ray_addres
         raise ValueError(f"parallel must be >= 1, got {parallel}")
     ray_address = ray_address or os.environ.get("RAY_ADDRESS") or None
     start = time.time()
+    tracking.prepare_store()  # before the cells, which would otherwise race to create a new SQLite store
     experiment = spec.experiment
     if os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run`: cells go next to the sweep's run
         experiment = tracking.experiment_of_run(os.environ["MLFLOW_RUN_ID"])

@@ -288,6 +288,40 @@ def check_tracking(uri: str, timeout: int = 5) -> None:
                                 f"Start it, or point MLFLOW_TRACKING_URI at a running one.") from None
 
 
+def prepare_store(uri: str | None = None) -> None:
+    """Make the tracking store ready before a job touches it: a server must answer
+    (check_tracking), and a SQLite store is initialized by one process at a time.
+
+    MLflow creates a SQLite store's tables and runs its migrations the first time a
+    process opens it; several jobs started together on a file that does not exist yet
+    all do so at once and leave it broken. So the first access happens here, under an
+    exclusive lock on `<db>.lock` beside the database; later jobs find it ready."""
+    uri = uri or mlflow.get_tracking_uri()
+    check_tracking(uri)
+    if not uri.startswith("sqlite:"):
+        return
+    import fcntl
+
+    import sqlalchemy.engine
+
+    path = sqlalchemy.engine.make_url(uri).database
+    if not path or path == ":memory:" or not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        return  # nothing to share, or a folder that does not exist: MLflow's own error says so
+    with open(path + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        try:
+            mlflow.MlflowClient(uri).search_experiments(max_results=1)
+        except Exception as e:
+            if not any(s in str(e) for s in ("_alembic_tmp_", "already exists", "alembic_version")):
+                raise
+            reason = str(e).splitlines()[0][:300]
+            raise TrackingError(
+                f"the tracking database {os.path.abspath(path)} was left half-initialized ({reason}), e.g. by "
+                f"jobs that created it at the same time. If it holds no runs, delete it and start again with a "
+                f"fresh file; otherwise drop the leftover _alembic_tmp_* table (sqlite3 {path} \".tables\", "
+                f"then DROP TABLE _alembic_tmp_<name>) and run `mlflow db upgrade {uri}`.") from None
+
+
 def find_experiment(name: str):
     """The active experiment `name`; TrackingError listing the existing ones otherwise."""
     client = mlflow.MlflowClient()

@@ -2,12 +2,16 @@
 (The round trip of real job runs through the report is in test_report.py.)"""
 from __future__ import annotations
 
+import json
+import os
+
 import mlflow
 import pytest
+from click.testing import CliRunner
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
-from prunetrack import archive
+from prunetrack import archive, cli
 
 
 def test_parent_links_point_at_the_new_runs_and_running_runs_stay_behind(mlflow_store, tmp_path):
@@ -51,3 +55,66 @@ def test_import_into_a_deleted_experiment_is_refused(mlflow_store, tmp_path):
     with pytest.raises(archive.ArchiveError, match=r"experiment 'gone' is deleted: restore it .* or import with --experiment"):
         archive.import_runs(path)
     assert len(client.search_runs([exp], run_view_type=ViewType.ALL)) == 1  # nothing added
+
+
+def _export_two_runs(path: str) -> None:
+    client = MlflowClient()
+    exp = client.create_experiment("two")
+    for name in ("a", "b"):
+        run = client.create_run(exp, run_name=name)
+        client.log_metric(run.info.run_id, "test_loss", 1.0, step=1)
+        client.set_terminated(run.info.run_id, "FINISHED")
+    archive.export_runs("two", path)
+
+
+def _refused(path: str, match: str) -> None:
+    with pytest.raises(archive.ArchiveError, match=match):
+        archive.import_runs(path, experiment="copied")
+    assert MlflowClient().get_experiment_by_name("copied") is None  # nothing written
+
+
+def test_export_cut_short_is_refused_whole(mlflow_store, tmp_path):
+    path = tmp_path / "runs.jsonl"
+    _export_two_runs(str(path))
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:2]))  # the header and the first run: cut at a line boundary
+    _refused(str(path), r"the header announces 2 runs but the file holds 1")
+
+
+def test_bad_records_are_refused_naming_the_line(mlflow_store, tmp_path):
+    path = tmp_path / "runs.jsonl"
+    _export_two_runs(str(path))
+    header, first, second = path.read_text().splitlines()
+    record = json.loads(second)
+    path.write_text("\n".join([header, first, json.dumps({**record, "status": "RUNNING"})]) + "\n")
+    _refused(str(path), r"line 3: status 'RUNNING' is not one of FINISHED, FAILED, KILLED")
+    del record["params"], record["tags"]
+    path.write_text("\n".join([header, first, json.dumps(record)]) + "\n")
+    _refused(str(path), r"line 3: the run record has no params, tags")
+
+
+def test_truncated_gzip_export_is_named(mlflow_store, tmp_path):
+    path = tmp_path / "runs.jsonl.gz"
+    _export_two_runs(str(path))
+    path.write_bytes(path.read_bytes()[:-40])
+    _refused(str(path), r"runs.jsonl.gz is a truncated or corrupt gzip file")
+    result = CliRunner().invoke(cli.cli, ["import", str(path)])
+    assert result.exit_code == 1 and "truncated or corrupt gzip file" in result.output
+    assert "Aborted" not in result.output
+
+
+def test_failed_export_leaves_the_earlier_file_as_it_was(mlflow_store, tmp_path, monkeypatch):
+    path = tmp_path / "runs.jsonl.gz"
+    _export_two_runs(str(path))
+    good = path.read_bytes()
+    with pytest.raises(archive.ArchiveError, match="no experiment named 'absent'"):
+        archive.export_runs("absent", str(path))
+
+    def broken(*args):
+        raise ConnectionError("the tracking server went away")
+
+    monkeypatch.setattr(archive, "_artifact_texts", broken)  # fails after the header is written
+    with pytest.raises(ConnectionError):
+        archive.export_runs("two", str(path))
+    assert path.read_bytes() == good
+    assert not [name for name in os.listdir(tmp_path) if name.endswith(".part")]  # nothing left behind

@@ -39,6 +39,15 @@ def test_defaults_follow_the_study():
     assert cfg.prune.prune_per_class == 10 and cfg.prune.scope == "global" and cfg.train.lr_drops == ""
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_every_float_field_must_be_finite(value):
+    floats = [f.name for f in config.fields() if f.type in ("float", float)]
+    assert {"compression", "lr", "weight_decay", "lr_drop_rate"} <= set(floats)
+    for name in floats:
+        with pytest.raises(ValueError, match=rf"^{name} must be a finite number.*, got {value!r}$"):
+            config.JobConfig.from_flat({name: value}).validate()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--model", "vgg17"], "'vgg16'"),
     (["--pruner", "l1"], "'rand'"),
@@ -51,6 +60,8 @@ def test_defaults_follow_the_study():
     (["--test-batch-size", "-5"], "test_batch_size must be >= 1"),
     (["--lr-drops", "ten"], "lr_drops must be comma-separated"),
     (["--device", "tpu"], "unknown device 'tpu'"),
+    (["--lr", "nan"], "lr must be a finite number >= 0, got nan"),
+    (["--compression", "inf"], "compression must be a finite number >= 1, got inf"),
 ])
 def test_cli_refuses_bad_input_clearly(args, message, mlflow_store):
     result = CliRunner().invoke(cli, ["prune", "--dataset", "synthetic", *args])

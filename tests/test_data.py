@@ -42,6 +42,26 @@ def test_subsets(tmp_path):
     assert len(ds.train_y) == 30 and len(ds.test_y) == 5
 
 
+def test_subsets_larger_than_the_data_are_refused(tmp_path):
+    _write_cifar10(tmp_path)
+    with pytest.raises(ValueError, match=r"train_subset=51 is larger than the cifar10 train set \(50 examples"):
+        data.load("cifar10", str(tmp_path), download=False, train_subset=51)
+    with pytest.raises(ValueError, match=r"test_subset=300 is larger than the synthetic test set \(200 examples"):
+        data.load("synthetic", test_subset=300)
+
+
+def test_truncated_file_names_it_and_the_remedy(tmp_path):
+    _write_cifar10(tmp_path)
+    path = os.path.join(tmp_path, "cifar-10-batches-py", "data_batch_3")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    with pytest.raises(data.DataCorruptError) as e:
+        data.load("cifar10", str(tmp_path), download=False)
+    msg = str(e.value)
+    assert path in msg and "truncated or corrupt" in msg and "download it again" in msg
+    assert f"cifar10_jpeg.py materialize {tmp_path}" in msg
+
+
 def test_missing_data_names_path_and_remedy(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise OSError("network is unreachable")

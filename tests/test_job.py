@@ -1,5 +1,6 @@
 """A whole job, end to end, against real MLflow stores."""
 import os
+import re
 import subprocess
 import sys
 
@@ -7,7 +8,7 @@ import mlflow
 import pytest
 import torch
 
-from prunetrack import load_masks, masking, models
+from prunetrack import load_masks, masking, models, tracking, training
 from prunetrack.config import JobConfig
 from prunetrack.job import run_job
 from tests.conftest import REPO, SMOKE
@@ -146,3 +147,92 @@ def test_job_on_the_shared_cifar10_copy(mlflow_store, cifar10_dir):
     m = run.data.metrics
     assert m["params_remaining"] == round(m["params_prunable"] / 5)
     assert m["flops_effective"] < m["flops_dense"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _prune_process(tmp_path, uri, *args, stderr=subprocess.STDOUT):
+    """A tiny `prunetrack prune` in a process of its own, logging to `uri` (its output in
+    .stdout, with its errors unless `stderr` says otherwise)."""
+    env = {**os.environ, "PYTHONPATH": REPO, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1",
+           "PRUNETRACK_CHECKPOINT_DIR": str(tmp_path / "checkpoints")}
+    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
+        env.pop(var, None)
+    command = [sys.executable, "-m", "prunetrack", "prune", "--dataset", "synthetic", "--model", "resnet20",
+               "--post-epochs", "1", "--train-subset", "100", "--test-subset", "50", "--batch-size", "50",
+               "--test-batch-size", "50", "--device", "cpu", "--precision", "fp32", "--timing-repeats", "1", *args]
+    return subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("store", ["new sqlite file", "server"])
+def test_eight_jobs_started_at_once(store, tmp_path, request):
+    """Eight jobs at once on a SQLite store that does not exist yet (they must not race
+    its creation), or on a tracking server: every one finishes, in the experiment asked for."""
+    if store == "server":
+        uri = request.getfixturevalue("mlflow_server")
+    else:
+        (tmp_path / "new").mkdir()
+        uri = f"sqlite:///{tmp_path}/new/mlflow.db"
+    experiment = f"crowd-{tmp_path.name}"
+    procs = [_prune_process(tmp_path, uri, "--seed", str(seed), "--experiment", experiment) for seed in range(8)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-3000:]
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id], max_results=100)
+    assert sorted(r.data.tags["seed"] for r in runs) == [str(s) for s in range(8)]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    default = client.get_experiment_by_name("Default")
+    assert default is None or client.search_runs([default.experiment_id]) == []
+
+
+def test_half_initialized_sqlite_store_is_named_with_the_repair(tmp_path):
+    """A store whose creation was interrupted (its schema half-migrated) gets one clear
+    error naming the file and how to repair it."""
+    import sqlite3
+
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    db = tmp_path / "broken.db"
+    SqlAlchemyStore(f"sqlite:///{db}", str(tmp_path / "artifacts")).engine.dispose()
+    with sqlite3.connect(db) as c:  # back to the first migration, with one table missing: as if cut short
+        c.execute("UPDATE alembic_version SET version_num = '451aebb31d03'")
+        c.execute("DROP TABLE trace_info")
+    with pytest.raises(tracking.TrackingError) as e:
+        tracking.prepare_store(f"sqlite:///{db}")
+    assert str(db) in str(e.value) and "already exists" in str(e.value)
+    assert "mlflow db upgrade" in str(e.value) and "fresh file" in str(e.value)
+
+
+def test_diverging_training_stops_the_run_at_that_epoch(mlflow_store):
+    with pytest.raises(training.Diverged, match=r"train diverged at epoch (\d): the training loss is nan .*"
+                                                r"lower the learning rate \(--lr\)") as e:
+        run_job(_job(optimizer="sgd", lr=1e6, post_epochs=6, precision="fp32"))
+    epoch = int(re.search(r"epoch (\d)", str(e.value)).group(1))
+    run = _only_run()
+    assert run.info.status == "FAILED" and run.data.tags["diverged"] == str(epoch)
+    assert "Diverged" in run.data.tags["error"]
+    client = mlflow.MlflowClient()
+    # Every epoch up to the diverged one is kept; the job went no further.
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "test_loss")] == list(range(1, epoch))
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == list(range(1, epoch + 1))
+    assert "histograms.json" not in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_unreachable_tracking_server_fails_fast_in_one_line(tmp_path):
+    import time
+
+    start = time.time()
+    proc = _prune_process(tmp_path, f"http://127.0.0.1:{_free_port()}", stderr=subprocess.PIPE)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, out + err
+    assert time.time() - start < 30, "took too long to give up on a closed port"
+    assert "does not answer" in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err

@@ -168,7 +168,7 @@ def test_pretraining_stops_when_the_test_loss_stops_improving(mlflow_store, monk
     losses = iter([2.0, 1.0, 1.5, 1.2, 1.1, 0.5])
     real = job.training.evaluate
 
-    def evaluate(model, batches, precision="fp32"):  # a scripted test-loss curve
+    def evaluate(model, batches, precision="fp32", progress=None):  # a scripted test-loss curve
         return {**real(model, batches, precision), "loss": next(losses)}
 
     monkeypatch.setattr(job.training, "evaluate", evaluate)

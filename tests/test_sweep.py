@@ -4,6 +4,7 @@ failing cells, parallel cells on one SQLite store, and the Ray executor.
 Every cell is a real `prunetrack prune` process on a tiny synthetic subset (seconds)."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -70,6 +71,20 @@ def test_spec_errors_name_the_bad_key(tmp_path):
     assert "cell pruner=nope" in msg and "unknown pruner 'nope'" in msg and "rand" in msg
     assert "compression must be >= 1" in bad(tmp_path, {"grid": {"compression": [0.5]}})
     assert "same configuration" in bad(tmp_path, {"grid": {"seed": [1, 1]}})
+
+
+def test_non_finite_values_are_refused_naming_the_cell():
+    with pytest.raises(sweep.SpecError, match=r"cell lr=nan: lr must be a finite number"):
+        sweep.parse_spec({"grid": {"lr": [float("nan")]}})
+    with pytest.raises(sweep.SpecError, match=r"cell seed=0: compression must be a finite number"):
+        sweep.parse_spec({"base": {"compression": "inf"}, "grid": {"seed": [0]}})
+
+
+def test_spec_without_a_grid_is_refused(tmp_path):
+    for raw in ({"name": "x", "grid": {}}, {"name": "x"}, {"name": "x", "base": {"model": "resnet20"}}):
+        with pytest.raises(sweep.SpecError, match=r"spec 'x' has no grid: list at least one axis"):
+            sweep.parse_spec(raw)
+    assert "spec 'bad' has no grid" in bad(tmp_path, {"base": {"model": "resnet20"}})  # named after the file
 
 
 def test_grid_expands_with_overrides(tmp_path):
@@ -265,3 +280,39 @@ def test_runs_left_running_by_dead_processes_are_closed(tmp_path, mlflow_store, 
     assert client.get_run(killed.info.run_id).info.status == "FAILED"
     assert "died without closing" in client.get_run(killed.info.run_id).data.tags["error"]
     assert all(r.info.status != "RUNNING" for r in runs())
+
+
+@pytest.mark.slow
+def test_sweep_killed_mid_cell_resumes_that_cell_in_the_same_run(tmp_path, mlflow_store, capfd):
+    """kill -9 of the whole sweep during a cell's 3rd epoch; run again: the cell continues
+    from its last finished epoch in the same MLflow run."""
+    from prunetrack import checkpoint
+
+    path = write_spec(tmp_path, {"compression": [5]}, name="k9", base={"post_epochs": 5, "batch_size": 20,
+                                                                       "precision": "fp32"})
+    cell = sweep.load_spec(path).cells[0]
+    progress = os.path.join(checkpoint.root(), cell.config_hash, checkpoint.PROGRESS)
+    runs()  # create the store's tables here, not concurrently with the sweep process
+    proc = subprocess.Popen([sys.executable, "-m", "prunetrack", "sweep", path], cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": REPO}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not (os.path.exists(progress) and json.load(open(progress))["epoch"] >= 2):
+            assert proc.poll() is None and time.time() < deadline, "the cell did not reach epoch 2"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the sweep and its cell, at once
+        proc.wait()
+    done = json.load(open(progress))["epoch"]
+    assert 2 <= done < 5
+    [killed] = children()
+    capfd.readouterr()
+    summary = sweep.run_sweep(sweep.load_spec(path))
+    out = capfd.readouterr().out
+    assert [r.status for r in summary.results] == ["finished"]
+    assert summary.results[0].run_id == killed.info.run_id  # the same run, continued
+    assert f"epoch {done}/5 finished; continuing in the same run" in out
+    client = mlflow.MlflowClient()
+    assert client.get_run(killed.info.run_id).info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(killed.info.run_id, "train_loss")] == [1, 2, 3, 4, 5]

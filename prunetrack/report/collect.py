@@ -1,0 +1,230 @@
+"""Step 1: query MLflow once and turn the experiment into plain records.
+
+`collect` reads the runs (search_runs), the metric histories and artifacts the later
+steps need (through the tracking URI, so a remote `mlflow server` works as the embedded
+store does), and returns a `Study` with its cells, the dense cell shared at 1x, the
+pre-training runs and the list of missing cells, all computed here. `assemble` does the
+same from runs already in hand.
+"""
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from prunetrack import tracking
+from prunetrack.report.records import (
+    ABLATIONS, ACCURACY, FLOPS, LOSS_KEYS, PRETRAIN_KEYS, STUDY_COMPRESSIONS, STUDY_MODELS, STUDY_PRUNERS,
+    TEST_TIME, TIMED_TEST_TIME, UNSHARED_AT_1X, Pretrain, ReportError, ReportOptions, Run, Study,
+)
+from prunetrack.tracking import KIND_TAG, public_uri
+
+
+def load_runs(experiment_id: str) -> tuple[list[Run], Counter, dict[str, Pretrain]]:
+    """The experiment's FINISHED prune runs (report runs skipped), a count of the statuses
+    of the prune runs that are not FINISHED, and the FINISHED pre-training runs by id."""
+    found = mlflow.search_runs(experiment_ids=[experiment_id], output_format="list")
+    runs, other, pretrains = [], Counter(), {}
+    for r in found:
+        tags = r.data.tags
+        if tags.get(KIND_TAG) == "pretrain":
+            if r.info.status == "FINISHED":
+                pretrains[r.info.run_id] = Pretrain(r.info.run_id, r.info.run_name or r.info.run_id[:8],
+                                                    dict(r.data.params), dict(tags), dict(r.data.metrics))
+            continue
+        if tags.get(KIND_TAG) == "report" or not {"model", "pruner", "compression"} <= set(tags):
+            continue
+        if r.info.status != "FINISHED":
+            other[r.info.status] += 1
+            continue
+        runs.append(Run(r.info.run_id, r.info.run_name or r.info.run_id[:8], tags["model"], tags["pruner"],
+                        float(tags["compression"]), tags.get("seed", r.data.params.get("seed", "?")),
+                        dict(r.data.params), dict(tags), dict(r.data.metrics)))
+    return runs, other, pretrains
+
+
+def group(opts: ReportOptions, runs: list[Run], experiment_id: str = "", tracking_uri: str = "",
+          skipped: Counter | None = None, pretrains: dict[str, Pretrain] | None = None) -> Study:
+    """The study's cells from its runs: dataset and ablations filtered out, models, pruners
+    and ratios chosen, the dense run shared at 1x, the testing-time metric and the
+    pre-training runs linked from the main model."""
+    skipped = skipped or Counter()
+    runs = sorted(runs, key=lambda r: (r.model, r.pruner, r.compression, r.seed, r.id))
+    if not runs:
+        others = ", ".join(f"{n} {s}" for s, n in skipped.items())
+        raise ReportError(f"experiment {opts.experiment!r} has no FINISHED prune runs"
+                          + (f" ({others} ignored)" if others else "")
+                          + "; run some with `mlflow run . -e prune` or `prunetrack prune` first")
+
+    datasets = Counter(r.setting("dataset") for r in runs)
+    dataset = opts.dataset or (next(iter(datasets)) if len(datasets) == 1 else "")
+    if not dataset:
+        raise ReportError(f"experiment {opts.experiment!r} holds runs on several datasets "
+                          f"({', '.join(f'{d}: {n} runs' for d, n in datasets.items())}); choose one with --dataset")
+    if dataset not in datasets:
+        raise ReportError(f"no finished runs on dataset {dataset!r}; found: {', '.join(datasets)}")
+    excluded: dict[str, list[Run]] = defaultdict(list)
+    kept = []
+    for r in runs:
+        if r.setting("dataset") != dataset:
+            excluded[f"dataset {r.setting('dataset')}"].append(r)
+        elif any(r.setting(a) == "true" for a in ABLATIONS):
+            # An ablation answers another question; averaging it into a cell would blur both.
+            excluded["ablation (" + ", ".join(a for a in ABLATIONS if r.setting(a) == "true") + ")"].append(r)
+        else:
+            kept.append(r)
+
+    found_models = sorted({r.model for r in kept})
+    models = opts.models or list(dict.fromkeys([*STUDY_MODELS, *found_models]))
+    main = next((m for m in models if any(r.model == m for r in kept)), None)
+    if main is None:
+        raise ReportError(f"no finished runs of model(s) {', '.join(models)} in experiment "
+                          f"{opts.experiment!r}; models found: {', '.join(found_models)}")
+    pruners = opts.pruners or list(dict.fromkeys([*STUDY_PRUNERS, *sorted({r.pruner for r in kept})]))
+    compressions = opts.compressions or sorted({*STUDY_COMPRESSIONS, *(r.compression for r in kept
+                                                                      if r.model == main)})
+    timed = any(TIMED_TEST_TIME.key in r.metrics for r in kept if r.model == main)
+    study = Study(opts, experiment_id, kept, list(models), list(pruners), [float(c) for c in compressions],
+                  dataset, main, tracking_uri, dict(excluded), skipped,
+                  time_metric=TIMED_TEST_TIME if timed else TEST_TIME)
+    for r in kept:
+        study.cells.setdefault((r.model, r.pruner, r.compression), []).append(r)
+    share_dense_cell(study)
+    link_pretrains(study, pretrains or {})
+    return study
+
+
+def share_dense_cell(study: Study) -> None:
+    """At 1x nothing is pruned, so a sweep runs the dense network once for every pruner that
+    starts from a fresh initialization: each such pruner's empty 1x cell shows that run."""
+    for model in study.models:
+        dense: dict[str, Run] = {}
+        for r in study.runs:
+            if r.model == model and r.dense_from_scratch:
+                dense.setdefault(r.tags.get("config_hash") or r.id, r)
+        if not dense:
+            continue
+        for p in study.pruners:
+            key = (model, p, 1.0)
+            if p not in UNSHARED_AT_1X and not study.cells.get(key):
+                study.cells[key] = list(dense.values())
+                study.shared[key] = list(dense.values())
+
+
+def link_pretrains(study: Study, pretrains: dict[str, Pretrain]) -> None:
+    users: dict[str, list[Run]] = {}
+    for r in study.runs:
+        if r.model == study.main and r.pretrained:
+            users.setdefault(r.tags["pretrain_run"], []).append(r)
+    for run_id, rs in users.items():
+        if run_id in pretrains:
+            pretrains[run_id].users = rs
+            study.pretrains.append(pretrains[run_id])
+        else:
+            study.pretrain_missing.append(run_id)
+
+
+def missing_cells(s: Study) -> dict[tuple, set[str]]:
+    """Every cell that a table or figure shows without its value, and why: walks the same
+    cells as the tables (1-6) and the weight-histogram figures."""
+    out: dict[tuple, set[str]] = {}
+    F = s.opts.focus
+
+    def need(model: str, pruner: str, c: float, present, what: str) -> None:
+        if present:
+            return
+        key = (model, pruner, c)
+        out.setdefault(key, set()).add(f"{what} not logged" if s.cell(*key) else "no finished run")
+
+    for m in s.models:
+        for p in s.pruners:
+            need(m, p, F, s.stat(m, p, F, ACCURACY.key), ACCURACY.key)
+    for metric in (ACCURACY, s.time_metric, FLOPS):
+        for c in s.compressions:
+            for p in s.pruners:
+                need(s.main, p, c, s.stat(s.main, p, c, metric.key), metric.key)
+    density = {p: s.layer_stats(p, "density") for p in s.pruners}
+    flops = {p: s.layer_stats(p, "flops_effective") for p in s.pruners}
+    reference = next((d[0] for d in density.values() if d), None)
+    if reference is None:
+        for p in s.pruners:
+            need(s.main, p, F, False, "layers.json")
+    else:
+        for row in reference:
+            for p in s.pruners:
+                need(s.main, p, F, density[p] and row["layer"] in density[p][1], "layers.json")
+                need(s.main, p, F, flops[p] and row["layer"] in flops[p][1], "per-layer FLOPs")
+    for p in s.pruners:
+        if s.cell(s.main, p, F):
+            need(s.main, p, F, s.histogram_run(p), "histograms.json")
+    return out
+
+
+def assemble(opts: ReportOptions, runs: list[Run], pretrains: list[Pretrain] = (), **kw) -> Study:
+    """A study from records in hand (runs carrying whatever histories and artifacts they
+    have): what `collect` returns, without a tracking server."""
+    study = group(opts, runs, pretrains={p.id: p for p in pretrains}, **kw)
+    study.missing = missing_cells(study)
+    return study
+
+
+def _artifact(run_id: str, path: str) -> dict | None:
+    try:
+        return mlflow.artifacts.load_dict(f"runs:/{run_id}/{path}")
+    except Exception:  # absent (an older job) or unreadable: the cell is marked, not fatal
+        return None
+
+
+def _layers(run_id: str) -> list[dict] | None:
+    """layers.json (an `mlflow.log_table` table) as one dict per layer."""
+    table = _artifact(run_id, "layers.json")
+    if not table or "columns" not in table:
+        return None
+    return [dict(zip(table["columns"], row)) for row in table["data"]]
+
+
+def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def load_details(s: Study) -> None:
+    """What the per-layer tables, the figures and the findings read beyond a run's
+    params, tags and metrics, for the runs that need it: layers.json of the main model's
+    runs at the focus ratio, one run's histograms.json per pruner there, their loss
+    histories, and the pre-training runs' per-epoch curves."""
+    client = MlflowClient()
+    F = s.opts.focus
+    focus = {r.id: r for r in s.runs if r.model == s.main and r.compression == F}
+    for p in s.pruners:
+        for r in s.cell(s.main, p, F):
+            focus.setdefault(r.id, r)
+    for r in focus.values():
+        r.layers = _layers(r.id)
+    for p in s.pruners:
+        runs = s.cell(s.main, p, F)
+        for r in runs:
+            if not r.histories:
+                r.histories = {k: _history(client, r.id, k) for k in LOSS_KEYS}
+        for r in runs:
+            if r.histograms is None:
+                r.histograms = _artifact(r.id, "histograms.json")
+            if r.histograms:
+                break
+    for pre in s.pretrains:
+        pre.histories = {k: _history(client, pre.id, k) for k in PRETRAIN_KEYS}
+
+
+def collect(opts: ReportOptions) -> Study:
+    """Query the tracking server once into the study's records."""
+    uri = mlflow.get_tracking_uri()
+    try:
+        tracking.check_tracking(uri)
+        exp = tracking.find_experiment(opts.experiment)
+    except tracking.TrackingError as e:
+        raise ReportError(str(e)) from None
+    runs, skipped, pretrains = load_runs(exp.experiment_id)
+    study = group(opts, runs, exp.experiment_id, public_uri(uri), skipped, pretrains)
+    load_details(study)
+    study.missing = missing_cells(study)
+    return study

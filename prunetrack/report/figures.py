@@ -1,0 +1,195 @@
+"""Step 3: the report's figures (PNG files), drawn from the study's records only.
+
+Each `figure_*` writes one file and says whether it drew anything; `draw` returns the
+figures of the Figures section as (file, caption) entries, or a note where a figure
+could not be drawn.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from prunetrack.report.records import (
+    ACCURACY, FLOPS, TIMED_TEST_TIME, Metric, Pretrain, Study, model_label, pruner_label,
+)
+
+
+def _colors(pruners: list[str]) -> dict[str, str]:
+    return {p: f"C{i}" for i, p in enumerate(pruners)}
+
+
+def _save(fig: Figure, path: str) -> None:
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+
+
+def figure_vs_compression(study: Study, metric: Metric, path: str) -> bool:
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.add_subplot()
+    colors, drawn = _colors(study.pruners), False
+    for p in study.pruners:
+        points = [(c, s) for c in study.compressions if (s := study.stat(study.main, p, c, metric.key))]
+        if not points:
+            continue
+        drawn = True
+        xs = [c for c, _ in points]
+        ax.errorbar(xs, [s.mean * metric.scale for _, s in points], yerr=[s.std * metric.scale for _, s in points],
+                    marker="o", capsize=3, color=colors[p], label=pruner_label(p))
+    if not drawn:
+        return False
+    base, _ = study.baseline(study.main, metric.key)
+    if base is not None:  # at 1x no pruner removes a weight: one dense reference for every curve
+        ax.axhline(base.mean * metric.scale, color="0.4", ls=":", label=f"dense (1x), n={base.n}")
+    ax.set_xscale("log")
+    ax.set_xticks(study.compressions, [f"{c:g}x" for c in study.compressions])
+    ax.minorticks_off()
+    ax.set_xlabel("compression (prunable weights before / after)")
+    ax.set_ylabel(f"{metric.title}, {metric.unit}")
+    ax.set_title(f"{model_label(study.main)}: {metric.title.lower()}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save(fig, path)
+    return True
+
+
+def figure_layer_density(study: Study, path: str) -> bool:
+    fig = Figure(figsize=(9, 4.5))
+    ax = fig.add_subplot()
+    colors, layers = _colors(study.pruners), None
+    for p in study.pruners:
+        found = study.layer_stats(p, "density")
+        if not found:
+            continue
+        rows, stats = found
+        layers = layers or [row["layer"] for row in rows]
+        ax.errorbar(range(len(layers)), [stats[n].mean if n in stats else math.nan for n in layers],
+                    yerr=[stats[n].std if n in stats else 0 for n in layers], marker="o", ms=3, capsize=2,
+                    color=colors[p], label=pruner_label(p))
+    if layers is None:
+        return False
+    ax.set_xticks(range(len(layers)), layers, rotation=90, fontsize=6)
+    ax.set_ylabel("density (fraction of weights kept)")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"{model_label(study.main)} at {study.opts.focus:g}x: per-layer density")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save(fig, path)
+    return True
+
+
+def figure_histograms(hist: dict, title: str, path: str) -> None:
+    layers = list(hist["layers"].items())
+    cols = math.ceil(math.sqrt(len(layers)))
+    rows = math.ceil(len(layers) / cols)
+    fig = Figure(figsize=(2.4 * cols, 1.9 * rows))
+    for i, (name, h) in enumerate(layers):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        for which, color in (("init", "0.6"), ("final", "C0")):
+            if h.get(which) and len(h[which]["counts"]):
+                ax.stairs(h[which]["counts"], h[which]["edges"], color=color, fill=which == "init",
+                          alpha=0.6 if which == "init" else 1.0, label=which)
+        ax.set_title(f"{name} (d={h.get('density', math.nan):.3f})", fontsize=6)
+        ax.tick_params(labelsize=5)
+        if i == 0:
+            ax.legend(fontsize=5)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def figure_losses(study: Study, path: str) -> bool:
+    """Train and test loss per epoch of every run of (main, pruner, focus), one panel per pruner."""
+    panels = [(p, study.cell(study.main, p, study.opts.focus)) for p in study.pruners]
+    panels = [(p, rs) for p, rs in panels if rs]
+    if not panels:
+        return False
+    fig = Figure(figsize=(3.2 * len(panels), 3.0))
+    for i, (p, rs) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        for j, r in enumerate(rs):
+            train, test = r.histories.get("train_loss", []), r.histories.get("test_loss", [])
+            label = f"seed {r.seed}"
+            if train:
+                ax.plot(*zip(*train), marker=".", color=f"C{j}", label=f"train, {label}")
+            if test:
+                ax.plot(*zip(*test), marker=".", ls="--", color=f"C{j}", label=f"test, {label}")
+        ax.set_title(f"{pruner_label(p)} at {study.opts.focus:g}x", fontsize=9)
+        ax.set_xlabel("epoch")
+        if i == 0:
+            ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6)
+    fig.tight_layout()
+    _save(fig, path)
+    return True
+
+
+def figure_pretrain(pretrains: list[Pretrain], path: str) -> bool:
+    """Each pre-training's train and test loss per epoch (left) and test top-1 (right),
+    its best epoch marked."""
+    if not any(p.histories.get("test_loss") for p in pretrains):
+        return False
+    fig = Figure(figsize=(10, 3.6))
+    loss, top1 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    for j, pre in enumerate(pretrains):
+        h, color, tag = pre.histories, f"C{j}", f" ({pre.name})" if len(pretrains) > 1 else ""
+        if h.get("train_loss"):
+            loss.plot(*zip(*h["train_loss"]), marker=".", color=color, label=f"train{tag}")
+        if h.get("test_loss"):
+            loss.plot(*zip(*h["test_loss"]), marker=".", ls="--", color=color, label=f"test{tag}")
+        if h.get("test_top1"):
+            top1.plot(*zip(*h["test_top1"]), marker=".", color=color, label=f"test top-1{tag}")
+        if "best_epoch" in pre.metrics:
+            for ax in (loss, top1):
+                ax.axvline(pre.metrics["best_epoch"], color=color, ls=":", alpha=0.7)
+    loss.set_ylabel("loss")
+    top1.set_ylabel("test top-1, %")
+    for ax, what in ((loss, "loss"), (top1, "test top-1")):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.set_title(f"pre-training: {what} per epoch (dotted: best epoch)", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)
+    return True
+
+
+def time_words(s: Study) -> str:
+    if s.time_metric.key == TIMED_TEST_TIME.key:
+        return "from the controlled timing pass (median over its rounds; Table 3 says how it was measured)"
+    return "the jobs' own `test_time`, measured while training shared the machine: not comparable across cells"
+
+
+def draw(s: Study, out: str) -> list[tuple[str, str]]:
+    """The Figures section's figures, written under `out`: (file, caption), or ("", note)."""
+    M, F = model_label(s.main), s.opts.focus
+    entries = []
+    for metric, file in ((ACCURACY, "accuracy_vs_compression.png"), (s.time_metric, "test_time_vs_compression.png"),
+                         (FLOPS, "flops_vs_compression.png")):
+        if figure_vs_compression(s, metric, os.path.join(out, file)):
+            extra = f" Testing time: {time_words(s)}." if metric is s.time_metric else ""
+            entries.append((file, f"{metric.title} of {M} against compression (log scale), one curve per pruner; "
+                                  f"error bars: std over seeds where a cell has several runs.{extra}"))
+        else:
+            entries.append(("", f"*No figure of `{metric.key}` against compression: no run of {M} logged it.*"))
+    if figure_layer_density(s, os.path.join(out, "layer_density.png")):
+        entries.append(("layer_density.png", f"Per-layer density (fraction of weights kept) of {M} at {F:g}x, one "
+                                             "curve per pruner, layers in network order; error bars: std over seeds."))
+    for p in s.pruners:
+        run = s.histogram_run(p)
+        if run is None:
+            continue
+        file = f"weight_histograms_{p}.png"
+        figure_histograms(run.histograms, f"{M}, {pruner_label(p)}, {F:g}x (run {run.label})", os.path.join(out, file))
+        entries.append((file, f"Weight histograms of {M} pruned by {pruner_label(p)} at {F:g}x, one panel per layer: "
+                              f"surviving weights at initialization (grey) and after training (blue), d = layer "
+                              f"density; from run {run.label}."))
+    if figure_losses(s, os.path.join(out, "loss_curves.png")):
+        entries.append(("loss_curves.png", f"Training (solid) and test (dashed) loss per epoch of every run of {M} at "
+                                           f"{F:g}x, one panel per pruner: whether the epoch count lets training "
+                                           "converge."))
+    return entries

@@ -1,0 +1,297 @@
+"""Step 4: the report's prose, every sentence generated from the study's records:
+findings, the loss curves' convergence, the pre-training, and the comparison with the
+SynFlow paper."""
+from __future__ import annotations
+
+import statistics
+from collections import Counter
+
+from prunetrack.report.records import (
+    ACCURACY, NOT_LOGGED, TIMED_TEST_TIME, Pretrain, Study, cell_name, join_words, model_label, names,
+    plural, pruner_label, pruner_name,
+)
+from prunetrack.report.tables import md_table
+
+
+def findings(s: Study) -> list[str]:
+    M, F, out = s.main, s.opts.focus, []
+    # Best pruner per ratio.
+    for c in s.compressions:
+        stats = {p: st for p in s.pruners if (st := s.stat(M, p, c, ACCURACY.key))}
+        if len(stats) < 2 or c == 1.0:
+            continue
+        best = max(stats, key=lambda p: stats[p].mean)
+        rest = sorted((p for p in stats if p != best), key=lambda p: -stats[p].mean)
+        out.append(f"- At {c:g}x, **{pruner_label(best)}** has the highest test accuracy, "
+                   f"{stats[best].mean:.2f}% {cell_name(M, best, c)}, "
+                   f"{stats[best].mean - stats[rest[0]].mean:.2f} points above {pruner_label(rest[0])} "
+                   f"{cell_name(M, rest[0], c)}"
+                   + (f" and {stats[best].mean - stats[rest[-1]].mean:.2f} above {pruner_label(rest[-1])} "
+                      f"{cell_name(M, rest[-1], c)}" if len(rest) > 1 else "") + ".")
+    out += baseline_findings(s)
+    # Layers pruned most and least, and layer collapse.
+    for p in s.pruners:
+        found = s.layer_stats(p, "density")
+        if not found:
+            continue
+        stats = found[1]
+        lo = min(stats, key=lambda k: stats[k].mean)
+        hi = max(stats, key=lambda k: stats[k].mean)
+        out.append(f"- {pruner_label(p)} at {F:g}x {cell_name(M, p, F)} prunes `{lo}` most (density "
+                   f"{stats[lo].mean:.4f}) and `{hi}` least (density {stats[hi].mean:.4f}).")
+    collapsed = [(r, r.tags["layer_collapse"]) for r in s.runs if r.model == M and r.tags.get("layer_collapse")]
+    empty = [(r, row["layer"]) for r in s.runs if r.model == M and r.compression == F
+             for row in (r.layers or []) if float(row.get("density", 1)) == 0.0]
+    if collapsed:
+        for r, layers in collapsed:
+            out.append(f"- Layer collapse in {cell_name(M, r.pruner, r.compression)} run {r.label}: every weight "
+                       f"of {', '.join(f'`{x}`' for x in layers.split(','))} was pruned.")
+    else:
+        checked = sum(1 for r in s.runs if r.model == M)
+        extra = f"; layers.json shows {len(empty)} empty layer(s) at {F:g}x" if empty else ""
+        out.append(f"- No layer collapse: none of the {checked} runs of {model_label(M)} tagged `layer_collapse`"
+                   f"{extra}.")
+    out += speedup_findings(s)
+    out += loss_findings(s)
+    return out or ["- Not enough runs for any comparison."]
+
+
+def baseline_findings(s: Study) -> list[str]:
+    """What the dense baseline is made of, and where each pruner falls more than 1 point below it."""
+    M = s.main
+    base, runs = s.baseline(M, ACCURACY.key)
+    _, left_out = s.baseline_runs(M)
+    if base is None:
+        return [f"- No dense baseline: no finished run of {model_label(M)} at 1x trained from scratch, so no drop "
+                "below it can be stated."]
+    used = [r for r in runs if ACCURACY.key in r.metrics]
+    each = ", each counted once" if len(used) > 1 else ""
+    words = (f"- Dense baseline {cell_name(M, None, 1.0)}: {base.mean:.2f}% test accuracy, from "
+             f"{plural(len(used), 'run')} of {model_label(M)} at 1x trained from scratch{each} ({names(used)})")
+    if left_out:
+        words += (f"; left out: {plural(len(left_out), 'run')} at 1x that start{'s' * (len(left_out) == 1)} from "
+                  f"a pre-training, not the dense network trained from scratch ({names(left_out)})")
+    out = [words + "."]
+    where = f"{cell_name(M, None, 1.0)} ({base.n} run{'s' * (base.n > 1)})"
+    for p in s.pruners:
+        tested = [(c, st) for c in s.compressions if c > 1 and (st := s.stat(M, p, c, ACCURACY.key))]
+        if not tested:
+            continue
+        drop = next(((c, st) for c, st in tested if st.mean < base.mean - 1.0), None)
+        if drop:
+            c, st = drop
+            out.append(f"- {pruner_label(p)} first falls more than 1 point below the dense baseline at "
+                       f"**{c:g}x**: {st.mean:.2f}% {cell_name(M, p, c)} vs {base.mean:.2f}% {where}.")
+        else:
+            top = tested[-1]
+            out.append(f"- {pruner_label(p)} stays within 1 point of the dense baseline ({base.mean:.2f}% "
+                       f"{where}) up to the highest ratio run, {top[0]:g}x: {top[1].mean:.2f}% "
+                       f"{cell_name(M, p, top[0])}.")
+    return out
+
+
+def speedup_findings(s: Study) -> list[str]:
+    """Measured testing-time speedup over the dense baseline against the speedup FLOPs predict."""
+    M, metric = s.main, s.time_metric
+    base, _ = s.baseline(M, metric.key)
+    if base is None:
+        return [f"- Testing time against theoretical speedup: no dense (1x) run of {model_label(M)} trained "
+                f"from scratch logged `{metric.key}`."]
+    if metric.key == TIMED_TEST_TIME.key:
+        out = [f"- Testing times below are `{metric.key}`, from the controlled timing pass (Table 3)."]
+    else:
+        out = [f"- Testing times below are the jobs' own `{metric.key}`, measured while training shared the "
+               "machine: the speedups are not comparable across cells."]
+    missing, found = [], False
+    for c in s.compressions:
+        if c == 1.0:
+            continue
+        for p in s.pruners:
+            runs = s.cell(M, p, c)
+            t = s.stat(M, p, c, metric.key)
+            theo = [r.metrics.get("theoretical_speedup") or
+                    (r.metrics["flops_dense"] / r.metrics["flops_effective"]
+                     if r.metrics.get("flops_effective") and "flops_dense" in r.metrics else None) for r in runs]
+            theo = [x for x in theo if x]
+            if t is None:
+                continue
+            if not theo:
+                missing.append(cell_name(M, p, c))
+                continue
+            found = True
+            measured = base.mean / t.mean
+            out.append(f"- {cell_name(M, p, c)}: FLOPs predict a {statistics.fmean(theo):.2f}x speedup; measured "
+                       f"testing time {t.mean * 1e3:.1f} ms vs {base.mean * 1e3:.1f} ms dense "
+                       f"{cell_name(M, None, 1.0)} is a {measured:.2f}x speedup "
+                       f"({measured / statistics.fmean(theo):.0%} of the predicted).")
+    if missing:
+        out.append(f"- No FLOPs logged for {', '.join(missing)}, so their measured testing time cannot be "
+                   "compared with a theoretical speedup.")
+    return out if found or missing else []
+
+
+def mean_history(runs, key: str) -> list[tuple[int, float]]:
+    """The per-epoch mean of a metric over runs, at the epochs every run logged."""
+    series = [dict(r.histories.get(key, [])) for r in runs]
+    series = [h for h in series if h]
+    if not series:
+        return []
+    epochs = sorted(set.intersection(*(set(h) for h in series)))
+    return [(e, statistics.fmean(h[e] for h in series)) for e in epochs]
+
+
+def loss_findings(s: Study) -> list[str]:
+    """Per pruner at the focus ratio: where the test loss is lowest and how much it still
+    moved over the last 3 epochs, so the epoch count can be judged."""
+    M, F, out = s.main, s.opts.focus, []
+    for p in s.pruners:
+        runs = s.cell(M, p, F)
+        if not runs:
+            continue
+        test, train = mean_history(runs, "test_loss"), mean_history(runs, "train_loss")
+        cell = f"{pruner_label(p)} at {F:g}x {cell_name(M, p, F)}"
+        over = f", mean of {len(runs)} runs" if len(runs) > 1 else ""
+        if len(test) < 2:
+            out.append(f"- Loss curves, {cell}: {plural(len(test), 'epoch')} of test loss logged{over}, too few to tell "
+                       "whether training levelled off.")
+            continue
+        best_epoch, best = min(test, key=lambda ev: ev[1])
+        last_epoch, last = test[-1]
+        first_epoch, first = test[max(0, len(test) - 4)]
+        span = len(test) - 1 - max(0, len(test) - 4)
+        change = (last - first) / first if first else float("nan")
+        tail = f"; train loss {train[-1][1]:.4f} at epoch {train[-1][0]}" if train else ""
+        out.append(f"- Loss curves, {cell}: test loss lowest at epoch {best_epoch} of {last_epoch} ({best:.4f}); "
+                   f"over the last {span} epoch{'s' * (span > 1)} (epoch {first_epoch} to {last_epoch}) it changed "
+                   f"by {change:+.1%}, to {last:.4f}{tail}{over}.")
+    return out
+
+
+def _int(x) -> str:
+    try:
+        return f"{int(float(x))}"
+    except (TypeError, ValueError):
+        return "?"
+
+
+def pretrain_sentence(pre: Pretrain, shared: bool) -> str:
+    m, params = pre.metrics, pre.params
+    users = Counter(pruner_name(r.pruner) for r in pre.users)
+    who = join_words(sorted(users)) if users else "No run"
+    epochs = _int(m.get("epochs_run", len(pre.histories.get("test_loss", []))))
+    cap, patience, stopped = params.get("pre_epochs"), params.get("pre_patience"), pre.tags.get("stopped")
+    best = (f"best test loss {m['best_test_loss']:.4f}, top-1 {m['best_test_top1']:.2f}%"
+            if "best_test_loss" in m and "best_test_top1" in m else "best test loss not logged")
+    text = (f"{who} prune{'s' * (len(users) == 1)} the weights of {'one shared' if shared else 'a'} pre-training "
+            f"(run {pre.label}; {plural(len(pre.users), 'run')} start from it): {plural(epochs, 'epoch')}")
+    if "pretraining_time" in m:
+        text += f" in {m['pretraining_time']:.0f} s"
+    if stopped == "patience":
+        text += (f", stopped because the test loss had not improved for {plural(_int(patience), 'epoch')} since epoch "
+                 f"{_int(m.get('best_epoch'))} ({best}); the cap of {_int(cap)} epochs (`pre_epochs`) is an upper "
+                 "bound, not the count trained")
+    elif stopped == "pre_epochs":
+        how = (f"the test loss still improving within {plural(_int(patience), 'epoch')} (`pre_patience`)"
+               if _int(patience) not in ("0", "?") else "without early stopping (`pre_patience` 0)")
+        text += (f", all of its cap of {_int(cap)} epochs (`pre_epochs`), {how}; the pruned weights are those of "
+                 f"epoch {_int(m.get('best_epoch'))} ({best})")
+    else:
+        text += f" of at most {_int(cap)} (`pre_epochs`); why it stopped was not logged (tag `stopped`) ({best})"
+    return text + "."
+
+
+def pretrain_text(s: Study) -> list[str]:
+    """The sentences of the pre-training section (its figure aside)."""
+    M = model_label(s.main)
+    out = []
+    for pre in s.pretrains:
+        out += [pretrain_sentence(pre, len(s.pretrains) == 1), ""]
+    if s.pretrain_missing:
+        out += [f"Runs of {M} name pre-training run(s) {', '.join(f'`{i}`' for i in s.pretrain_missing)} (tag "
+                "`pretrain_run`) that the experiment does not hold as FINISHED pre-training runs.", ""]
+    if not out:
+        out = [f"No run of {M} starts from a pre-training run (no run has a `pretrain_run` tag).", ""]
+    return out
+
+
+# The SynFlow paper's training protocol for VGG-16 on CIFAR-10 (Tanaka et al. 2020,
+# "Pruning neural networks without any data by iteratively conserving synaptic flow",
+# hyperparameters as released with its code), against which the study's protocol differs.
+SYNFLOW_PAPER = [
+    ("model", "Model", "VGG-16 with BatchNorm"),
+    ("optimizer", "Optimizer", "SGD, momentum 0.9 (Nesterov)"),
+    ("lr", "Learning rate", "0.1"),
+    ("lr_drops", "LR drops (epochs)", "60, 120 (x0.1)"),
+    ("weight_decay", "Weight decay", "1e-4"),
+    ("batch_size", "Batch size (train)", "128"),
+    ("post_epochs", "Training epochs", "160"),
+    ("iterations", "SynFlow iterations", "100"),
+    ("prune_per_class", "Pruning data (examples per class)", "10"),
+    ("dataset_source", "Data", "official CIFAR-10 release"),
+]
+PAPER_EPOCHS = 160
+
+
+def protocol_words(s: Study, runs) -> tuple[str, bool]:
+    """These runs' training in words, and whether it is as long and scheduled as the paper's."""
+    opt, epochs = s.common("optimizer", runs) or "?", s.common("post_epochs", runs) or "?"
+    drops, wd = s.common("lr_drops", runs) or "", s.common("weight_decay", runs) or "0"
+    words = f"{epochs} epoch{'s' * (epochs != '1')} of {opt}"
+    words += f" with lr drops at epochs {drops}" if drops else " without an lr schedule"
+    words += f", weight decay {wd}" if wd != "0" else ", no weight decay"
+    words += ", BatchNorm" if s.main.endswith("_bn") else ", no BatchNorm"
+    try:
+        close = float(epochs) >= PAPER_EPOCHS and opt in ("sgd", "momentum") and bool(drops) and wd != "0"
+    except ValueError:
+        close = False
+    return words, close
+
+
+def synflow_paper_section(s: Study) -> list[str]:
+    """How the runs' protocol differs from the SynFlow paper's, and where to compare: the
+    paper gives VGG-16/CIFAR-10 accuracies as curves (its Figure 6), not as a table."""
+    model = s.main  # the model of Table 2 and the accuracy figure
+    if s.dataset != "cifar10" or not model.startswith("vgg16"):
+        return []
+    runs = [r for r in s.runs if r.model == model]
+    rows = []
+    for key, title, theirs in SYNFLOW_PAPER:
+        if key == "model":
+            ours = model_label(model)
+        else:
+            group = [r for r in runs if r.pruner == "synflow"] if key == "iterations" else runs
+            seen = Counter(r.setting(key) for r in group if r.setting(key) is not None)
+            ours = " / ".join(f"{v or '(none)'}" for v, _ in seen.most_common()) or NOT_LOGGED
+        rows.append([title, theirs, ours])
+    md = ["## Comparison with the SynFlow paper", "",
+          f"Tanaka et al. (2020) prune VGG-16 on CIFAR-10 with the same five methods and report top-1 test "
+          f"accuracy against compression as curves (their Figure 6, VGG-16 / CIFAR-10 panel), not as a table; "
+          f"read this report's Table 2 and its accuracy-against-compression figure against that panel. Their "
+          f"protocol differs from the one these runs followed:", ""]
+    md += md_table(["Setting", "SynFlow paper", f"These runs ({model_label(model)})"], rows)
+    ours, close = protocol_words(s, runs)
+    if close:
+        predict = (f"These runs train for {ours}, close to the paper's 160 epochs of SGD with lr drops, weight "
+                   "decay and BatchNorm, so absolute accuracies should land near the paper's")
+    else:
+        predict = (f"What the differences predict: 160 epochs of SGD with lr drops and weight decay, and "
+                   f"BatchNorm, reach a higher dense accuracy than these runs' {ours}, so absolute accuracies "
+                   "here are expected below the paper's at every ratio")
+    source = s.common("dataset_source", runs)
+    if source and "jpeg" in source.lower():
+        predict += (", and the data these runs used is a JPEG round trip of CIFAR-10 (tag `dataset_source`), "
+                    "which lowers them a little more")
+    elif source:
+        predict += f"; the data these runs used: {source} (tag `dataset_source`)"
+    md += ["", predict + ". The comparison that carries over is the shape: how far each pruner falls below the "
+               "dense baseline as compression grows, and their order at each ratio.", ""]
+    base, _ = s.baseline(model, ACCURACY.key)
+    notes = []
+    for c in s.compressions:
+        st = s.stat(model, "synflow", c, ACCURACY.key)
+        if st and base and c > 1:
+            notes.append(f"{c:g}x: {st.mean:.2f}% ({st.mean - base.mean:+.2f} vs dense)")
+    if base:
+        md += [f"Here, dense {model_label(model)} reaches {base.mean:.2f}% {cell_name(model, None, 1.0)}; "
+               "SynFlow: " + ("; ".join(notes) if notes else "no run above 1x") + ".", ""]
+    return md

@@ -1,0 +1,221 @@
+"""Step 5: the report as a whole: the settings and missing-cells sections, the markdown
+assembled from the tables, figures and findings, the files written, and the report run."""
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import shlex
+from collections import Counter, defaultdict
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from prunetrack import config, tracking
+from prunetrack.report import figures, findings, tables
+from prunetrack.report.collect import collect
+from prunetrack.report.records import (
+    NO_RUN, NOT_LOGGED, ReportOptions, Run, Study, cell_name, join_words, model_label, names, norm, plural,
+    pruner_label, pruner_name,
+)
+from prunetrack.tracking import KIND_TAG
+
+SETTINGS = [
+    ("dataset", "Dataset"), ("dataset_source", "Data copy"), ("dataset_sha256", "Dataset SHA-256"),
+    ("train_examples", "Training examples"), ("test_examples", "Test examples"), ("optimizer", "Optimizer"),
+    ("lr", "Learning rate"), ("weight_decay", "Weight decay"), ("lr_drops", "LR drops (epochs)"),
+    ("batch_size", "Batch size (train)"), ("test_batch_size", "Batch size (test)"),
+    ("pre_epochs", "Pre-training epochs (cap)"), ("pre_patience", "Pre-training patience (epochs)"),
+    ("post_epochs", "Training epochs"), ("prune_per_class", "Pruning data (examples per class)"),
+    ("prune_batch_size", "Batch size (pruning)"), ("scope", "Mask scope"), ("schedule", "Pruning schedule"),
+    ("iterations", "Pruning iterations"), ("device", "Device"), ("precision", "Precision"),
+    ("torch_version", "PyTorch"), ("mlflow_version", "MLflow"), ("prunetrack_version", "prunetrack"),
+    ("git_commit", "Git commit"),
+]
+PRETRAIN_SETTINGS = ("pre_epochs", "pre_patience")
+
+
+def protocol(s: Study) -> str:
+    """The protocol in one paragraph, each value the most common among the runs."""
+    runs = s.runs
+    v = lambda key, group=None: s.common(key, group) or "(not logged)"
+    synflow = [r for r in runs if r.pruner == "synflow"]
+    pre = [r for r in runs if r.pretrained]
+    parts = [f"optimizer {v('optimizer')}", f"lr {v('lr')}", f"batch size {v('batch_size')}",
+             f"weight decay {v('weight_decay')}", f"lr drops {s.common('lr_drops') or 'none'}",
+             f"{plural(v('post_epochs'), 'training epoch')} after pruning (`post_epochs`)",
+             f"pruning data {v('prune_per_class')} examples per class", f"{v('scope')} scope"]
+    if synflow:
+        parts.append(f"SynFlow {v('iterations', synflow)} iterations")
+    parts += [f"precision {v('precision')}", f"data: {v('dataset_source')}"]
+    text = "**Protocol** (the most common value among the runs; ⚠ below marks any that differ): " + "; ".join(parts)
+    if pre:
+        who = join_words(sorted({pruner_name(r.pruner) for r in pre}))
+        text += (f". Pre-training ({who}): at most {plural(v('pre_epochs', pre), 'epoch')} (`pre_epochs`, a cap), "
+                 f"stopping once the test loss has not improved for {plural(v('pre_patience', pre), 'epoch')} "
+                 "(`pre_patience`; 0: never)")
+    else:
+        text += ". No run starts from a pre-training"
+    return text + "."
+
+
+def settings_section(s: Study) -> list[str]:
+    """The protocol as the runs logged it, one line per setting; a setting with several
+    values among the runs is flagged with the runs holding each."""
+    runs = s.runs
+    lines = ["## Settings", "",
+             f"Read from the {len(runs)} finished prune runs of experiment `{s.opts.experiment}` "
+             f"(id {s.experiment_id}) at `{s.tracking_uri}`.", "", protocol(s), ""]
+    models = Counter(r.model for r in runs)
+    lines.append("- **Models**: " + ", ".join(f"{model_label(m)} ({n} runs)" for m, n in models.items()))
+    flagged = 0
+
+    def describe(key: str, title: str, group: list[Run], suffix: str = "") -> None:
+        nonlocal flagged
+        values: dict[str, list[Run]] = defaultdict(list)
+        for r in group:
+            v = r.setting(key)
+            values["(not logged)" if v is None else v or "(none)"].append(r)
+        if len(values) == 1:
+            lines.append(f"- **{title}**{suffix}: `{next(iter(values))}`")
+            return
+        flagged += 1
+        parts = [f"`{v}` in {len(rs)} runs ({names(rs)})"
+                 for v, rs in sorted(values.items(), key=lambda kv: -len(kv[1]))]
+        lines.append(f"- **{title}**{suffix}: ⚠ differs between runs: " + "; ".join(parts))
+
+    pretrained = [r for r in runs if r.pretrained]
+    for key, title in SETTINGS:
+        if key == "iterations":  # differs by design between pruners (SynFlow: 100 rounds)
+            for p in sorted({r.pruner for r in runs}):
+                describe(key, title, [r for r in runs if r.pruner == p], f" ({pruner_label(p)})")
+        elif key in PRETRAIN_SETTINGS and pretrained:  # only the runs that start from a pre-training have one
+            who = join_words(sorted({pruner_label(r.pruner) for r in pretrained}))
+            describe(key, title, pretrained, f" (runs that start from a pre-training: {who})")
+            rest = [r for r in runs if not r.pretrained]
+            if rest:
+                describe(key, title, rest, " (the other runs)")
+        else:
+            describe(key, title, runs)
+    lines.append("")
+    if flagged:
+        lines += [f"⚠ {flagged} setting(s) differ between runs: the runs above are not one protocol, "
+                  "compare the flagged cells with care.", ""]
+    for why, rs in s.excluded.items():
+        lines.append(f"- Not in the tables: {len(rs)} run(s) with {why}: " + ", ".join(r.label for r in rs[:6])
+                     + (" …" if len(rs) > 6 else ""))
+    if s.skipped:
+        lines.append("- Ignored (not FINISHED): " + ", ".join(f"{n} {st}" for st, n in s.skipped.items()))
+    return lines + [""]
+
+
+def command_for(s: Study, model: str, pruner: str, compression: float) -> str:
+    """The `mlflow run` command that would produce a cell under the protocol of the runs
+    found: every MLproject parameter whose usual value among the runs is not its default."""
+    from prunetrack import pruning
+
+    params = {"model": model, "pruner": pruner, "compression": f"{compression:g}", "dataset": s.dataset}
+    for f in config.fields():
+        if not f.metadata.get("mlproject") or f.name in params or f.name == "device":
+            continue
+        group = [r for r in s.runs if r.pruner == pruner] if f.name == "iterations" else s.runs
+        value = s.common(f.name, group, tag_first=False)  # the param: "auto" stays auto
+        if value is None:
+            continue
+        if f.name == "iterations" and value in ("0", norm(pruning.DEFAULT_ITERATIONS.get(pruner, 1))):
+            continue
+        if value != norm(f.default):
+            params[f.name] = value
+    args = " ".join(f"-P {k}={shlex.quote(str(v))}" for k, v in params.items())
+    return f"mlflow run . -e prune --experiment-name {shlex.quote(s.opts.experiment)} {args}"
+
+
+def missing_section(s: Study) -> list[str]:
+    md = ["## Missing cells", ""]
+    if not s.missing:
+        return md + ["Every cell of every table has a finished run with its measurements.", ""]
+    md += ["Each line is a cell shown as a missing mark above and the command that would produce it "
+           "(the protocol of the runs found; add `-P seed=N` for more seeds).", ""]
+
+    def order(key):
+        model, pruner, c = key
+        return (s.models.index(model) if model in s.models else len(s.models), model,
+                s.pruners.index(pruner) if pruner in s.pruners else len(s.pruners), pruner, c)
+
+    for (model, pruner, c), why in sorted(s.missing.items(), key=lambda kv: order(kv[0])):
+        md += [f"- {cell_name(model, pruner, c)}: {'; '.join(sorted(why))}",
+               f"  `{command_for(s, model, pruner, c)}`"]
+    return md + [""]
+
+
+class Numbered:
+    """Figures numbered in the order they appear, across sections."""
+
+    def __init__(self):
+        self.n = 0
+
+    def add(self, file: str, caption: str) -> list[str]:
+        if not file:
+            return [caption, ""]
+        self.n += 1
+        return [f"![Figure {self.n}]({file})", "", f"**Figure {self.n}.** {caption}", ""]
+
+
+def pretrain_section(s: Study, out: str, numbered: Numbered) -> list[str]:
+    md = ["## Pre-training (Magnitude)", ""]
+    file = "pretrain_curves.png"
+    if s.pretrains and figures.figure_pretrain(s.pretrains, os.path.join(out, file)):
+        md += numbered.add(file, "Pre-training of the weights Magnitude prunes: train (solid) and test (dashed) "
+                                 "loss per epoch, and test top-1 per epoch; dotted: the epoch whose weights "
+                                 "are pruned.")
+    return md + findings.pretrain_text(s)
+
+
+def render(s: Study, out: str) -> str:
+    """The report's markdown; draws its figures into `out`."""
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    md = [f"# Pruning at initialization: {s.opts.experiment}", "",
+          f"Generated {now} by `prunetrack report` from the MLflow tracking server; every number below "
+          f"is read from the runs. Cells with several runs (seeds) show mean ± std (n); {NO_RUN} marks "
+          f"a cell without a finished run, {NOT_LOGGED} one whose runs did not log the measurement.", ""]
+    md += settings_section(s)
+    md += tables.tables_section(s)
+    numbered = Numbered()
+    md += ["## Figures", ""]
+    for file, caption in figures.draw(s, out):
+        md += numbered.add(file, caption)
+    md += pretrain_section(s, out, numbered)
+    md += ["## Findings", ""] + findings.findings(s) + [""]
+    md += findings.synflow_paper_section(s)
+    md += missing_section(s)
+    return "\n".join(md).rstrip() + "\n"
+
+
+def log_report_run(experiment: str, name: str, folder: str) -> str:
+    """Log the report's files to a report run (the one `mlflow run` created, if any),
+    tagged so later reports skip it."""
+    with tracking.job_run(experiment, f"report-{name}") as run:
+        tracking.log_tags({KIND_TAG: "report", "report.experiment": experiment, "report.name": name})
+        mlflow.log_artifacts(folder)
+        here = MlflowClient().get_experiment(run.info.experiment_id).name
+        if here != experiment:  # `mlflow run` without --experiment-name logs to its own experiment
+            print(f"report run {run.info.run_id} is in experiment {here!r}; pass --experiment-name "
+                  f"{experiment} to `mlflow run` to keep it beside the runs it reports", flush=True)
+        return run.info.run_id
+
+
+def build_report(opts: ReportOptions) -> str:
+    """Write the report and its figures; returns the path of REPORT.md."""
+    study = collect(opts)
+    name = opts.name or re.sub(r"[^A-Za-z0-9._-]+", "-", opts.experiment).strip("-") or "report"
+    out = os.path.join(opts.output_dir, name)
+    os.makedirs(out, exist_ok=True)
+    for old in os.listdir(out):  # a re-run must not leave figures of runs since removed
+        if old.endswith(".png") or old == "REPORT.md":
+            os.remove(os.path.join(out, old))
+    text = render(study, out)
+    path = os.path.join(out, "REPORT.md")
+    with open(path, "w") as fh:
+        fh.write(text)
+    log_report_run(opts.experiment, name, out)
+    return path

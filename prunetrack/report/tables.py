@@ -1,0 +1,161 @@
+"""Step 2: the report's tables (markdown), drawn from the study's records only."""
+from __future__ import annotations
+
+from prunetrack.report.records import (
+    ACCURACY, FLOPS, NO_RUN, NOT_LOGGED, SHARED, TIMED_TEST_TIME, Metric, Stat, Study, join_words, model_label,
+    plural, pruner_label,
+)
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["--:"] * (len(header) - 1)) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def footnote(rows: list[list[str]], extra: list[str] = ()) -> list[str]:
+    cells = {c for row in rows for c in row}
+    notes = []
+    if NO_RUN in cells:
+        notes.append(f"{NO_RUN} no finished run of this cell")
+    if NOT_LOGGED in cells:
+        notes.append(f"{NOT_LOGGED} the cell's runs did not log this measurement")
+    out = [""]
+    if notes:
+        out += [f"<sub>{'; '.join(notes)}; see [Missing cells](#missing-cells).</sub>", ""]
+    if extra and any(c.endswith(SHARED) for c in cells):
+        out += [f"<sub>{line}</sub>" for line in extra] + [""]
+    return out
+
+
+def shared_note(s: Study, model: str) -> str | None:
+    """The footnote of the dagger: which pruners show the one dense run at 1x, and why
+    Magnitude's 1x is not among them."""
+    runs = s.shared_runs(model)
+    if not runs:
+        return None
+    labels = [pruner_label(p) for p in s.pruners if s.is_shared(model, p, 1.0)]
+    which = (f"one run (run {runs[0].label})" if len(runs) == 1 else
+             f"the same {len(runs)} runs, one per configuration (runs {', '.join(r.label for r in runs)})")
+    text = (f"{SHARED} the dense network at 1x: nothing is pruned at 1x, so {join_words(labels)} share "
+            f"{which}")
+    if "mag" in s.pruners:
+        mag = s.cell(model, "mag", 1.0)
+        pretrained = any(r.pretrained for r in s.runs if r.model == model and r.pruner == "mag")
+        if mag and all(r.pretrained for r in mag):
+            text += f"; Magnitude's 1x starts from its pre-trained weights and is its own run{'s' * (len(mag) > 1)}"
+        elif mag:
+            text += "; Magnitude's 1x is its own run"
+        elif pretrained:
+            text += "; Magnitude's 1x starts from pre-trained weights, so it is not shared (no run of it yet)"
+    if len(s.models) > 1 and model != s.main:
+        text = f"{model_label(model)}: {text}"
+    return text + "."
+
+
+def spread(s: Study, model: str, pruner: str, c: float) -> str:
+    """The min-max of the controlled timing rounds over a cell's runs."""
+    runs = s.cell(model, pruner, c)
+    lo = [r.metrics[f"{TIMED_TEST_TIME.key}_min"] for r in runs if f"{TIMED_TEST_TIME.key}_min" in r.metrics]
+    hi = [r.metrics[f"{TIMED_TEST_TIME.key}_max"] for r in runs if f"{TIMED_TEST_TIME.key}_max" in r.metrics]
+    if not lo or not hi:
+        return ""
+    return f" [{TIMED_TEST_TIME.fmt(min(lo))}–{TIMED_TEST_TIME.fmt(max(hi))}]"
+
+
+def value(s: Study, model: str, pruner: str, c: float, metric: Metric) -> str:
+    st = s.stat(model, pruner, c, metric.key)
+    if st is None:
+        return s.mark(model, pruner, c)
+    text = st.fmt(metric.fmt)
+    if metric.key == TIMED_TEST_TIME.key:
+        text += spread(s, model, pruner, c)
+    return text + (f" {SHARED}" if s.is_shared(model, pruner, c) else "")
+
+
+def metric_row(s: Study, model: str, c: float, metric: Metric) -> list[str]:
+    return [value(s, model, p, c, metric) for p in s.pruners]
+
+
+def timing_conditions(s: Study) -> str:
+    """How the controlled timing pass measured, from the tags it left on the runs."""
+    runs = [r for r in s.runs if r.model == s.main and TIMED_TEST_TIME.key in r.metrics]
+
+    def seen(key: str) -> str:
+        values = list(dict.fromkeys(r.tags[f"timing.{key}"] for r in runs if f"timing.{key}" in r.tags))
+        return " / ".join(values) if values else "(not logged)"
+
+    return (f"median of {plural(seen('rounds'), 'round')}, cells interleaved, batch {seen('batch_size')}, "
+            f"{plural(seen('threads'), 'thread')}, device {seen('device')}, precision {seen('precision')}; "
+            f"load average {seen('loadavg')} when it started ({seen('when')})")
+
+
+def time_caption(s: Study) -> tuple[str, str, list[str]]:
+    """What Table 3 says it holds, how it was measured, and the note under it."""
+    if s.time_metric.key == TIMED_TEST_TIME.key:
+        return ("Testing time (ms, whole test set; the median of a controlled timing pass, [min–max] over its "
+                "rounds beside it) of", f" Measured: {timing_conditions(s)}.", [])
+    return ("Testing time (ms, whole test set, median over repeats) of", "",
+            [f"These are the jobs' own `test_time`, measured while training shared the machine: they are "
+             f"not comparable across cells. No run of {model_label(s.main)} has `{TIMED_TEST_TIME.key}` "
+             "from a controlled timing pass.", ""])
+
+
+def layer_tables(s: Study, header: list[str]) -> list[str]:
+    """Tables 5 and 6: per layer at the focus ratio."""
+    M, F = model_label(s.main), s.opts.focus
+    density = {p: s.layer_stats(p, "density") for p in s.pruners}
+    flops = {p: s.layer_stats(p, "flops_effective") for p in s.pruners}
+    dense_flops = next((f for p in s.pruners if (f := s.layer_stats(p, "flops_dense"))), None)
+    reference = next((d[0] for d in density.values() if d), None)
+    if reference is None:
+        return [f"**Table 5.** Per-layer sparsity of {M} at {F:g}x: no run of this model at {F:g}x "
+                "logged layers.json.", ""]
+
+    def layer_cell(found, p, layer, fmt):
+        if found and layer in found[1]:
+            return found[1][layer].fmt(fmt)
+        return s.mark(s.main, p, F)
+
+    # Sparsity is what the table states (share pruned, %); layers.json logs density.
+    sparsity = {p: d and (d[0], {k: Stat([100 * (1 - v) for v in st.values]) for k, st in d[1].items()})
+                for p, d in density.items()}
+    rows5, rows6 = [], []
+    for row in reference:
+        layer = row["layer"]
+        rows5.append([f"`{layer}`", str(row.get("shape", "")), f"{int(row['params']):,}"]
+                     + [layer_cell(sparsity[p], p, layer, lambda x: f"{x:.2f}") for p in s.pruners])
+        dense = (f"{dense_flops[1][layer].mean / 1e6:,.2f}" if dense_flops and layer in dense_flops[1]
+                 else NOT_LOGGED)
+        rows6.append([f"`{layer}`", dense]
+                     + [layer_cell(flops[p], p, layer, lambda x: f"{x / 1e6:,.2f}") for p in s.pruners])
+    out = [f"**Table 5.** Per-layer sparsity of {M} at {F:g}x: % of each layer's weights pruned "
+           "(from each run's layers.json), one column per pruner.", ""]
+    out += md_table(["Layer", "Shape", "Params"] + header[1:], rows5) + footnote(rows5)
+    out += [f"**Table 6.** Per-layer FLOPs of {M} at {F:g}x (millions; dense, then effective for "
+            "each pruner).", ""]
+    out += md_table(["Layer", "Dense"] + header[1:], rows6) + footnote(rows6)
+    return out
+
+
+def tables_section(s: Study) -> list[str]:
+    M, F = model_label(s.main), s.opts.focus
+    header = ["Model"] + [pruner_label(p) for p in s.pruners]
+    out = []
+    rows = [[model_label(m)] + metric_row(s, m, F, ACCURACY) for m in s.models]
+    notes = [n for m in s.models if (n := shared_note(s, m))] if F == 1.0 else []
+    out += [f"**Table 1.** Test accuracy (top-1, %) at {F:g}x compression, one row per model, one "
+            f"column per pruner.", ""] + md_table(header, rows) + footnote(rows, notes)
+    time_what, time_how, time_note = time_caption(s)
+    main_note = [n for n in (shared_note(s, s.main),) if n]
+    for n, metric, what in ((2, ACCURACY, "Test accuracy (top-1, %) of"),
+                            (3, s.time_metric, time_what),
+                            (4, FLOPS, "Effective FLOPs (millions, 2 x MACs over the weights that survive) of")):
+        rows = [[f"{c:g}x"] + metric_row(s, s.main, c, metric) for c in s.compressions]
+        how = time_how if n == 3 else ""
+        out += [f"**Table {n}.** {what} {M} against compression, one column per pruner.{how}", ""]
+        out += md_table(["Compression"] + header[1:], rows) + footnote(rows, main_note)
+        if n == 3:
+            out += time_note
+    out += layer_tables(s, header)
+    return ["## Tables", ""] + out

@@ -1,0 +1,112 @@
+"""A controlled timing pass: testing (inference) time that compares across cells.
+
+A job's own `test_time` is measured while whatever else runs on the machine competes
+with it (on a 2-core CPU, identical work varied 4.6-7.3 s). This pass rebuilds each
+finished run's network from its logged masks, then times a full test-set evaluation of
+every network in rounds, the order rotated each round, so that slow drift (thermal,
+other load) hits every cell alike. Each run gets the median and the spread, and the
+conditions (threads, device, batch size, precision, load average) as tags.
+
+Weights are a fresh initialization under the run's masks: with dense kernels the time
+does not depend on the weights' values, only on the shapes, which the masks keep.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import mlflow
+import torch
+
+from prunetrack import data, masking, measure, models, tracking, training
+
+
+@dataclass
+class Timed:
+    run_id: str
+    name: str
+    net: torch.nn.Module
+    batches: data.Batches  # the test split
+    precision: str
+    times: list[float] = field(default_factory=list)
+
+
+def finished_prune_runs(experiment: str, models_: list[str] | None = None) -> list:
+    """The FINISHED prune runs of `experiment` (not pre-training or report runs)."""
+    exp = tracking.find_experiment(experiment)
+    runs = mlflow.MlflowClient().search_runs([exp.experiment_id], "attributes.status = 'FINISHED'",
+                                             max_results=5000, order_by=["attributes.start_time ASC"])
+    out = [r for r in runs if tracking.KIND_TAG not in r.data.tags and "pruner" in r.data.tags]
+    return [r for r in out if not models_ or r.data.tags.get("model") in models_]
+
+
+def time_runs(experiment: str, rounds: int = 5, batch_size: int = 256, device: str = "auto",
+              data_dir: str = "", models_: list[str] | None = None,
+              echo: Callable[[str], None] = print) -> list[Timed]:
+    """Time every finished prune run of `experiment` and log the results to each run."""
+    from prunetrack.job import device_name, resolve_device
+
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    dev = resolve_device(device)
+    runs = finished_prune_runs(experiment, models_)
+    if not runs:
+        raise tracking.TrackingError(f"experiment {experiment!r} has no FINISHED prune runs to time")
+    load = os.getloadavg()[0]
+    if load > 0.5 * (os.cpu_count() or 1):
+        echo(f"WARNING: load average {load:.2f} on {os.cpu_count()} CPUs: something else is running, and the "
+             f"times will show it (the load is logged with them)")
+
+    # The test split of each dataset, loaded once, on the device.
+    splits: dict[tuple, tuple[data.Batches, int]] = {}
+    timed: list[Timed] = []
+    for r in runs:
+        p, tags = r.data.params, r.data.tags
+        key = (p.get("dataset", "cifar10"), data_dir or p.get("data_dir", "data"), int(p.get("test_subset", 0) or 0))
+        if key not in splits:
+            ds = data.load(key[0], key[1], download=False, test_subset=key[2]).to(dev)
+            splits[key] = (data.Batches(ds.test_x, ds.test_y, batch_size, ds.mean, ds.std, channels_last=True),
+                           ds.num_classes)
+        batches, classes = splits[key]
+        net = masking.add_masks(models.get_model(tags["model"], classes))
+        masking.set_masks(net, masking.load_masks(f"runs:/{r.info.run_id}"))
+        precision = tags.get("precision") or training.resolve_precision(p.get("precision", "auto"), dev)
+        net = training.prepare(net.to(dev)).eval()
+        timed.append(Timed(r.info.run_id, r.info.run_name, net, batches, precision))
+    echo(f"timing {len(timed)} runs of {experiment!r}: {rounds} rounds of a full test-set evaluation each, "
+         f"batch {batch_size}, on {device_name(dev)}")
+
+    sync = measure.device_sync(dev)
+    for t in timed:  # warm-up: kernel choice and caches, once per network
+        training.evaluate(t.net, t.batches, t.precision)
+    start = time.perf_counter()
+    for i in range(rounds):
+        order = timed[i % len(timed):] + timed[:i % len(timed)]  # rotate: no cell always first
+        for t in order:
+            sync()
+            t0 = time.perf_counter()
+            training.evaluate(t.net, t.batches, t.precision)
+            sync()
+            t.times.append(time.perf_counter() - t0)
+        done = time.perf_counter() - start
+        echo(f"  round {i + 1}/{rounds} done ({done:.0f}s; ~{done / (i + 1) * (rounds - i - 1):.0f}s left)")
+
+    client = mlflow.MlflowClient()
+    when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    conditions = {"timing.rounds": rounds, "timing.threads": torch.get_num_threads(),
+                  "timing.device": device_name(dev), "timing.batch_size": batch_size,
+                  "timing.loadavg": f"{load:.2f}", "timing.when": when}
+    for t in timed:
+        median = statistics.median(t.times)
+        for k, v in {"timed_test_time": median, "timed_test_time_min": min(t.times),
+                     "timed_test_time_max": max(t.times)}.items():
+            client.log_metric(t.run_id, k, v)
+        for k, v in {**conditions, "timing.precision": t.precision}.items():
+            client.set_tag(t.run_id, k, str(v))
+        echo(f"  {t.name:32s} median {median * 1e3:8.1f} ms  (min {min(t.times) * 1e3:.1f}, "
+             f"max {max(t.times) * 1e3:.1f})")
+    return timed

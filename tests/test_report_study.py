@@ -1,0 +1,181 @@
+"""What the study needs from the report, on records built by hand: the dense cell shared
+at 1x, the pre-training section, testing time from the controlled timing pass, the loss
+curves' convergence in words, and the protocol stated from the runs."""
+from __future__ import annotations
+
+from prunetrack.report import Pretrain, ReportOptions, assemble, render
+from prunetrack.report import findings, tables
+from test_report_split import make_run, rows
+
+PRE_ID = "feedface" + "0" * 24
+
+
+def study(runs, pretrains=(), pruners=("rand", "mag", "snip", "grasp", "synflow"), **opts):
+    options = ReportOptions(**{"experiment": "x", "models": ["resnet20"], "pruners": list(pruners),
+                               "compressions": [1, 10], **opts})
+    return assemble(options, runs, list(pretrains))
+
+
+def mag(c, acc=60.0, **kw):
+    return make_run("mag", c, metrics={"test_accuracy": acc}, tags={"pretrain_run": PRE_ID},
+                    params={"pre_epochs": "200", "pre_patience": "20"}, **kw)
+
+
+# ---------------------------------------------------------------------------- the dense cell at 1x
+
+def test_dense_run_fills_the_empty_1x_cells_but_not_magnitudes():
+    # SNIP's 1x ran on its own before (the same dense configuration): it keeps its run.
+    dense = make_run("rand", 1, metrics={"test_accuracy": 80.0}, tags={"config_hash": "h0"})
+    snip1 = make_run("snip", 1, metrics={"test_accuracy": 79.0}, tags={"config_hash": "h0"})
+    s = study([dense, snip1, mag(1, 85.0), mag(10)])
+    assert set(s.shared) == {("resnet20", "grasp", 1.0), ("resnet20", "synflow", 1.0)}
+    assert rows("\n".join(tables.tables_section(s)), 2)[0] == ["1x", "80.00 †", "85.00", "79.00", "80.00 †", "80.00 †"]
+    note = tables.shared_note(s, "resnet20")
+    assert note == (f"† the dense network at 1x: nothing is pruned at 1x, so Rand, GraSP and SynFlow share one run "
+                    f"(run {dense.label}); Magnitude's 1x starts from its pre-trained weights and is its own run.")
+    assert f"<sub>{note}</sub>" in "\n".join(tables.tables_section(s))
+    assert "no finished run" not in s.missing.get(("resnet20", "grasp", 1.0), set())
+    assert s.missing[("resnet20", "mag", 10.0)] >= {"test_time not logged"}
+
+
+def test_a_pretrained_dense_run_is_never_shared_and_never_the_baseline():
+    s = study([mag(1, 85.0), mag(10), make_run("rand", 10, metrics={"test_accuracy": 50.0})])
+    assert s.shared == {} and s.cell("resnet20", "rand", 1.0) == []
+    base, runs = s.baseline("resnet20", "test_accuracy")
+    assert base is None and runs == []
+    assert "- No dense baseline" in "\n".join(findings.findings(s))
+    assert "†" not in "\n".join(tables.tables_section(s))
+
+
+def test_baseline_counts_the_shared_run_once_and_says_which_runs():
+    dense = make_run("rand", 1, metrics={"test_accuracy": 80.0})
+    m1 = mag(1, 85.0)
+    s = study([dense, m1, mag(10, 70.0)])
+    base, runs = s.baseline("resnet20", "test_accuracy")
+    assert base.n == 1 and base.mean == 80.0 and runs == [dense]  # in four cells, counted once
+    text = "\n".join(findings.findings(s))
+    assert (f"- Dense baseline [ResNet20 · 1x]: 80.00% test accuracy, from 1 run of ResNet20 at 1x trained from "
+            f"scratch ({dense.label}); left out: 1 run at 1x that starts from a pre-training, not the dense network "
+            f"trained from scratch ({m1.label}).") in text
+    assert "Mag first falls more than 1 point below the dense baseline at **10x**: 70.00%" in text
+
+
+def test_two_seeds_of_the_dense_run_fill_a_cell_with_both():
+    runs = [make_run("rand", 1, seed, metrics={"test_accuracy": 80.0 + seed}, tags={"config_hash": f"h{seed}"})
+            for seed in (0, 1)]
+    s = study(runs, pruners=("rand", "snip"))
+    assert rows("\n".join(tables.tables_section(s)), 2)[0] == ["1x", "80.50 ± 0.71 (n=2) †", "80.50 ± 0.71 (n=2) †"]
+    assert "share the same 2 runs" in tables.shared_note(s, "resnet20")
+
+
+# ---------------------------------------------------------------------------- pre-training
+
+def pretrain(stopped: str, epochs: int, best: int, patience: str = "20") -> Pretrain:
+    metrics = {"epochs_run": epochs, "best_epoch": best, "best_test_loss": 0.41234, "best_test_top1": 88.5,
+               "pretraining_time": 1234.4}
+    history = {"train_loss": [(e, 2.0 / e) for e in range(1, epochs + 1)],
+               "test_loss": [(e, 2.1 / min(e, best)) for e in range(1, epochs + 1)],
+               "test_top1": [(e, 10.0 * min(e, 8)) for e in range(1, epochs + 1)]}
+    return Pretrain(PRE_ID, "resnet20-pretrain-200ep-s0", {"pre_epochs": "200", "pre_patience": patience},
+                    {"prunetrack.kind": "pretrain", "stopped": stopped}, metrics, history)
+
+
+def test_pretraining_stopped_by_patience(tmp_path):
+    s = study([make_run("rand", 10, metrics={"test_accuracy": 50.0}), mag(1), mag(10)], [pretrain("patience", 57, 37)])
+    assert [p.id for p in s.pretrains] == [PRE_ID] and len(s.pretrains[0].users) == 2
+    text = render.render(s, str(tmp_path))
+    section = text.split("## Pre-training (Magnitude)", 1)[1].split("## Findings", 1)[0]
+    assert ("Magnitude prunes the weights of one shared pre-training (run resnet20-pretrain-200ep-s0 (feedface); "
+            "2 runs start from it): 57 epochs in 1234 s, stopped because the test loss had not improved for 20 "
+            "epochs since epoch 37 (best test loss 0.4123, top-1 88.50%); the cap of 200 epochs (`pre_epochs`) is "
+            "an upper bound, not the count trained.") in section
+    assert "](pretrain_curves.png)" in section and (tmp_path / "pretrain_curves.png").exists()
+
+
+def test_pretraining_that_ran_all_its_epochs():
+    s = study([mag(10)], [pretrain("pre_epochs", 200, 196)])
+    assert findings.pretrain_text(s)[0].endswith(
+        ": 200 epochs in 1234 s, all of its cap of 200 epochs (`pre_epochs`), the test loss still improving within "
+        "20 epochs (`pre_patience`); the pruned weights are those of epoch 196 (best test loss 0.4123, top-1 88.50%).")
+
+
+def test_no_pretraining_is_one_line(tmp_path):
+    s = study([make_run("rand", 10, metrics={"test_accuracy": 50.0})])
+    assert findings.pretrain_text(s) == ["No run of ResNet20 starts from a pre-training run (no run has a "
+                                         "`pretrain_run` tag).", ""]
+    section = render.render(s, str(tmp_path)).split("## Pre-training (Magnitude)", 1)[1].split("## Findings")[0]
+    assert "pretrain_curves.png" not in section and not (tmp_path / "pretrain_curves.png").exists()
+    unknown = study([mag(10)])  # linked, but not among the experiment's pre-training runs
+    assert unknown.pretrain_missing == [PRE_ID] and PRE_ID in findings.pretrain_text(unknown)[0]
+
+
+# ---------------------------------------------------------------------------- testing time
+
+TIMING = {"timing.rounds": "5", "timing.threads": "2", "timing.device": "cpu (x86_64, 2 threads)",
+          "timing.batch_size": "256", "timing.precision": "bf16", "timing.loadavg": "0.08",
+          "timing.when": "2026-01-02T03:04:05+00:00"}
+
+
+def timed(pruner, c, median, lo, hi, seed=0):
+    return make_run(pruner, c, seed, metrics={"test_accuracy": 70.0, "test_time": 9.0, "timed_test_time": median,
+                                              "timed_test_time_min": lo, "timed_test_time_max": hi,
+                                              "flops_dense": 80e6, "flops_effective": 8e6 if c > 1 else 80e6},
+                    tags=TIMING)
+
+
+def test_controlled_timing_is_used_with_its_spread_and_conditions():
+    runs = [timed("rand", 1, 0.100, 0.095, 0.120), timed("rand", 10, 0.050, 0.048, 0.060),
+            timed("rand", 10, 0.060, 0.055, 0.070, seed=1),
+            make_run("snip", 10, metrics={"test_accuracy": 60.0, "test_time": 0.01})]
+    s = study(runs, pruners=("rand", "snip"))
+    assert s.time_metric.key == "timed_test_time"
+    text = "\n".join(tables.tables_section(s))
+    assert rows(text, 3) == [["1x", "100.0 [95.0–120.0] †", "100.0 [95.0–120.0] †"],
+                             ["10x", "55.0 ± 7.1 (n=2) [48.0–70.0]", "—*"]]
+    assert ("one column per pruner. Measured: median of 5 rounds, cells interleaved, batch 256, 2 threads, device "
+            "cpu (x86_64, 2 threads), precision bf16; load average 0.08 when it started "
+            "(2026-01-02T03:04:05+00:00).") in text
+    assert s.missing[("resnet20", "snip", 10.0)] >= {"timed_test_time not logged"}
+    found = "\n".join(findings.speedup_findings(s))
+    assert "Testing times below are `timed_test_time`" in found
+    assert "measured testing time 55.0 ms vs 100.0 ms dense [ResNet20 · 1x] is a 1.82x speedup" in found
+
+
+def test_without_the_timing_pass_the_jobs_times_are_flagged():
+    s = study([make_run("rand", 10, metrics={"test_accuracy": 50.0, "test_time": 0.02})], pruners=("rand",))
+    assert s.time_metric.key == "test_time"
+    text = "\n".join(tables.tables_section(s))
+    assert rows(text, 3)[1] == ["10x", "20.0"]
+    assert ("These are the jobs' own `test_time`, measured while training shared the machine: they are not "
+            "comparable across cells.") in text
+
+
+# ---------------------------------------------------------------------------- loss curves and settings
+
+def test_loss_curves_in_words():
+    test = [2.0, 1.6, 1.3, 1.1, 1.0, 0.95, 0.93, 0.92, 0.925, 0.94]
+    run = make_run("rand", 10, metrics={"test_accuracy": 50.0},
+                   histories={"test_loss": list(enumerate(test, 1)), "train_loss": [(e, 0.5) for e in range(1, 11)]})
+    short = make_run("snip", 10, metrics={"test_accuracy": 50.0},
+                     histories={"test_loss": [(1, 2.0), (2, 1.5)], "train_loss": [(1, 2.0), (2, 1.4)]})
+    s = study([run, short], pruners=("rand", "snip"))
+    assert findings.loss_findings(s) == [
+        "- Loss curves, Rand at 10x [ResNet20 · Rand · 10x]: test loss lowest at epoch 8 of 10 (0.9200); over the "
+        "last 3 epochs (epoch 7 to 10) it changed by +1.1%, to 0.9400; train loss 0.5000 at epoch 10.",
+        "- Loss curves, SNIP at 10x [ResNet20 · SNIP · 10x]: test loss lowest at epoch 2 of 2 (1.5000); over the "
+        "last 1 epoch (epoch 1 to 2) it changed by -25.0%, to 1.5000; train loss 1.4000 at epoch 2."]
+
+
+def test_settings_state_the_protocol_from_the_runs(tmp_path):
+    runs = [make_run("rand", 1, metrics={"test_accuracy": 80.0}),
+            make_run("synflow", 10, metrics={"test_accuracy": 60.0}), mag(10)]
+    text = render.render(study(runs), str(tmp_path)).split("## Settings", 1)[1].split("## Tables", 1)[0]
+    assert ("**Protocol** (the most common value among the runs; ⚠ below marks any that differ): optimizer adam; "
+            "lr 0.001; batch size 128; weight decay 0; lr drops none; 10 training epochs after pruning "
+            "(`post_epochs`); pruning data 10 examples per class; global scope; SynFlow 100 iterations; precision "
+            "bf16; data: synthetic (generated). Pre-training (Magnitude): at most 200 epochs (`pre_epochs`, a cap), "
+            "stopping once the test loss has not improved for 20 epochs (`pre_patience`; 0: never).") in text
+    assert "- **Precision**: `bf16`" in text  # the tag, not the param's "auto"
+    assert "- **Pre-training epochs (cap)** (runs that start from a pre-training: Mag): `200`" in text
+    assert "- **Pre-training epochs (cap)** (the other runs): `0`" in text
+    assert "differs between runs" not in text  # one protocol: nothing flagged

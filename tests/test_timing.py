@@ -1,0 +1,40 @@
+"""The controlled timing pass: every finished run timed under the same conditions."""
+from __future__ import annotations
+
+import mlflow
+from click.testing import CliRunner
+
+from prunetrack import cli, timing
+from prunetrack.config import JobConfig
+from prunetrack.job import run_job
+from tests.conftest import SMOKE
+
+
+def _job(**overrides):
+    return JobConfig.from_flat({**SMOKE, "train_subset": 200, "test_subset": 100, "batch_size": 100,
+                                "experiment": "timed", **overrides})
+
+
+def test_timing_pass_logs_median_spread_and_conditions_to_each_run(mlflow_store):
+    ids = [run_job(_job(pruner="rand", compression=c)) for c in (2, 10)]
+    seen = []
+    timed = timing.time_runs("timed", rounds=3, batch_size=50, device="cpu", echo=seen.append)
+    assert {t.run_id for t in timed} == set(ids) and all(len(t.times) == 3 for t in timed)
+    assert any("round 3/3" in line for line in seen)
+    client = mlflow.MlflowClient()
+    for run_id in ids:
+        run = client.get_run(run_id)
+        m, tags = run.data.metrics, run.data.tags
+        assert m["timed_test_time_min"] <= m["timed_test_time"] <= m["timed_test_time_max"]
+        assert tags["timing.rounds"] == "3" and tags["timing.batch_size"] == "50"
+        assert tags["timing.device"].startswith("cpu") and int(tags["timing.threads"]) >= 1
+        assert tags["timing.precision"] in ("fp32", "bf16") and float(tags["timing.loadavg"]) >= 0
+        assert run.info.status == "FINISHED"  # logging the times does not reopen the run
+
+
+def test_timing_command_refuses_an_experiment_without_runs(mlflow_store):
+    run_job(_job())
+    result = CliRunner().invoke(cli.cli, ["time", "--experiment", "nope"])
+    assert result.exit_code == 1 and "no experiment named 'nope'" in result.output
+    result = CliRunner().invoke(cli.cli, ["time", "--experiment", "timed", "--rounds", "0"])
+    assert result.exit_code == 2 and "rounds" in result.output.lower()

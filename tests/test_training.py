@@ -1,0 +1,76 @@
+"""The training path: accuracy arithmetic, schedules, precision and the compile path."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from prunetrack import masking, models, training
+
+
+class Fixed(nn.Module):
+    """Returns preset logits, whatever the input."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+        self.w = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        return self.logits[x.long().view(-1)] + self.w
+
+
+def test_top1_top5_and_loss_arithmetic():
+    logits = torch.tensor([[9., 8, 7, 6, 5, 4], [0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0]])
+    y = torch.tensor([0, 0, 5])  # hit at rank 1; rank 6 (miss in top-5); rank 6 (miss)
+    batches = [(torch.tensor([0.0, 1.0]), y[:2]), (torch.tensor([2.0]), y[2:])]
+    out = training.evaluate(Fixed(logits), batches)
+    assert out["top1"] == pytest.approx(100 / 3) and out["top5"] == pytest.approx(100 / 3)
+    expected = torch.nn.functional.cross_entropy(logits, y).item()
+    assert out["loss"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_lr_drops_take_effect_at_their_epochs():
+    model = nn.Linear(2, 2)
+    opt, sched = training.make_optimizer("sgd", model, 0.1, 0.0, [2, 4], 0.5)
+    lrs = []
+    for _ in range(5):
+        lrs.append(opt.param_groups[0]["lr"])
+        sched.step()
+    assert lrs == pytest.approx([0.1, 0.1, 0.05, 0.05, 0.025])
+
+
+def test_auto_precision_follows_the_hardware(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(training, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
+    assert training.resolve_precision("auto", cpu) == "bf16"
+    monkeypatch.setattr(training, "cpu_flags", lambda: frozenset({"avx2", "amx_bf16"}))
+    assert training.resolve_precision("auto", cpu) == "bf16"
+    monkeypatch.setattr(training, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
+    assert training.resolve_precision("auto", cpu) == "fp32"
+    assert training.resolve_precision("bf16", cpu) == "bf16" and training.resolve_precision("fp32", cpu) == "fp32"
+    assert training.resolve_precision("auto", torch.device("cuda")) == "bf16"
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_training_step_keeps_pruned_weights_zero(precision):
+    torch.manual_seed(0)
+    model = masking.add_masks(models.get_model("resnet20"))
+    masks = {k: torch.rand_like(m, dtype=torch.float) < 0.5 for k, m in masking.get_masks(model).items()}
+    masking.set_masks(model, masks)
+    model = training.prepare(model)
+    opt, _ = training.make_optimizer("adam", model, 1e-2, 0.0, [], 0.1)
+    x, y = torch.randn(8, 3, 32, 32).contiguous(memory_format=torch.channels_last), torch.randint(0, 10, (8,))
+    loss = training.train_step(model, x, y, opt, precision, torch.device("cpu"))
+    assert torch.isfinite(loss)
+    for name, m in masking.prunable_layers(model).items():
+        assert torch.count_nonzero(m.weight[~masks[name]]) == 0, name
+
+
+def test_compiled_model_trains_like_the_eager_one():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 4))
+    compiled = torch.compile(model)
+    x, y = torch.randn(16, 3, 2, 2), torch.randint(0, 4, (16,))
+    eager_loss = torch.nn.functional.cross_entropy(model(x), y)
+    assert torch.allclose(torch.nn.functional.cross_entropy(compiled(x), y), eager_loss, atol=1e-5)
