@@ -91,9 +91,7 @@ def reference_model(model: torch.nn.Module) -> torch.nn.Module:
     """The same network and masks, but with weight = weight_orig * mask recomputed on every forward."""
     ref = copy.deepcopy(model)
     for m in masking.prunable_layers(ref).values():
-        mask = m.weight_mask.float()
-        del m._buffers["weight_mask"]
-        tprune.custom_from_mask(m, "weight", mask)
+        tprune.custom_from_mask(m, "weight", m.prune_mask.float())
     return ref
 
 

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import mlflow
-from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from prunetrack import tracking
@@ -39,7 +38,6 @@ IMPORTED_FROM = "prunetrack.imported_from"
 PARENT = "mlflow.parentRunId"
 # Logged-model records point into the original store; they are not carried over.
 DROPPED_TAGS = {"mlflow.log-model.history"}
-BATCH = 100  # log_batch takes at most 100 params or tags, 1000 metrics, per call
 STATUSES = ("FINISHED", "FAILED", "KILLED")
 # What every run record holds, and the JSON types each value may have.
 RECORD = {"run_id": (str,), "run_name": (str, type(None)), "status": (str,), "start_time": (int,),
@@ -206,7 +204,7 @@ def import_runs(path: str, experiment: str | None = None,
     if exp is not None and exp.lifecycle_stage != "active":
         raise ArchiveError(f"experiment {name!r} is deleted: restore it (`mlflow experiments restore "
                            f"--experiment-id {exp.experiment_id}`) or import with --experiment OTHER_NAME")
-    exp_id = exp.experiment_id if exp is not None else client.create_experiment(name)
+    exp_id = exp.experiment_id if exp is not None else tracking.experiment_id(name)
     done = {r.data.tags[IMPORTED_FROM]: r.info.run_id
             for r in mlflow.search_runs(experiment_ids=[exp_id], output_format="list",
                                         filter_string=f"tags.`{IMPORTED_FROM}` != ''")}
@@ -224,34 +222,8 @@ def import_runs(path: str, experiment: str | None = None,
             else:  # its parent was not exported (still RUNNING): no link to a run that is not here
                 del tags[PARENT]
         tags[IMPORTED_FROM] = old
-        run = client.create_run(exp_id, start_time=record["start_time"], run_name=record["run_name"])
-        new = run.info.run_id
+        new = tracking.import_run(exp_id, record, tags)
         new_ids[old] = new
-        try:
-            _log_record(client, new, record, tags)
-        except BaseException:
-            client.set_terminated(new, "FAILED")  # never leave a half-imported run RUNNING
-            raise
-        client.set_terminated(new, record["status"], end_time=record["end_time"])
         imported += 1
         echo(f"{record['run_name']}: {old[:8]} -> {new[:8]} ({record['status']})")
     return ImportSummary(name, imported, skipped)
-
-
-def _log_record(client: MlflowClient, run_id: str, record: dict, tags: dict[str, str]) -> None:
-    params = [Param(k, str(v)) for k, v in record["params"].items()]
-    tag_list = [RunTag(k, str(v)) for k, v in tags.items()]
-    metrics = [Metric(key, value, timestamp, step)
-               for key, history in record["metrics"].items() for step, timestamp, value in history]
-    for i in range(0, len(params), BATCH):
-        client.log_batch(run_id, params=params[i:i + BATCH])
-    for i in range(0, len(tag_list), BATCH):
-        client.log_batch(run_id, tags=tag_list[i:i + BATCH])
-    for i in range(0, len(metrics), 10 * BATCH):
-        client.log_batch(run_id, metrics=metrics[i:i + 10 * BATCH])
-    if record["artifacts"]:
-        with tempfile.TemporaryDirectory() as d:
-            for name, text in record["artifacts"].items():
-                with open(os.path.join(d, os.path.basename(name)), "w", encoding="utf-8") as fh:
-                    fh.write(text)
-            client.log_artifacts(run_id, d)

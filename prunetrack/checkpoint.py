@@ -14,6 +14,7 @@ keeps it, and running the same configuration again picks it up.
 """
 from __future__ import annotations
 
+import collections
 import fcntl
 import json
 import os
@@ -23,6 +24,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from prunetrack import masking
 
 FORMAT = "prunetrack-checkpoint-v1"
 PROGRESS = "progress.json"
@@ -94,7 +97,14 @@ class Checkpoint:
         except Exception as e:  # a file from another version, or damaged: start over, but say so
             print(f"ignoring unreadable checkpoint {self.path} ({type(e).__name__}: {e})", flush=True)
             return None
-        return state if isinstance(state, dict) and state.get("format") == FORMAT else None
+        if not (isinstance(state, dict) and state.get("format") == FORMAT):
+            return None
+        # Checkpoints written before the mask buffer was renamed hold ".weight_mask" keys;
+        # renamed here, a job interrupted then resumes with the current code.
+        for holder in (state, state.get("best")):
+            if isinstance(holder, dict) and isinstance(holder.get("model"), dict):
+                holder["model"] = _renamed_masks(holder["model"])
+        return state
 
     def save(self, state: dict[str, Any]) -> None:
         """Write `state` atomically: a kill during the write keeps the previous one."""
@@ -120,6 +130,23 @@ class Checkpoint:
         """Remove the whole folder (the run finished: nothing left to resume)."""
         self.__exit__()
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+OLD_MASK = "weight_mask"  # the mask buffer's name in checkpoints of earlier versions
+
+
+def _renamed_masks(weights: dict[str, Any]) -> dict[str, Any]:
+    """A state dict with its old-style mask keys (`<layer>.weight_mask`) renamed to the
+    current buffer name, in the same order; torch's `_metadata` (per-module versions)
+    is kept, as load_state_dict reads it."""
+    out = collections.OrderedDict()
+    for key, value in weights.items():
+        prefix, dot, last = key.rpartition(".")
+        out[prefix + dot + masking.MASK if last == OLD_MASK else key] = value
+    metadata = getattr(weights, "_metadata", None)
+    if metadata is not None:
+        out._metadata = metadata
+    return out
 
 
 class _suppress_missing:

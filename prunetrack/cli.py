@@ -2,6 +2,8 @@
 
 `prune`'s options are generated from the configuration dataclasses
 (`prunetrack.config`), so `--help` always lists every hyperparameter with its default.
+Only click and `prunetrack.config` are imported here: each command imports what it
+runs (torch, mlflow) when it runs, so `--help` answers at once.
 """
 from __future__ import annotations
 
@@ -53,9 +55,9 @@ def prune(**values):
     from prunetrack.job import run_job
     from prunetrack.tracking import TrackingError
 
-    cfg = _job_config(values)
+    cfg, device = _prepared(values)
     try:
-        run_job(cfg)
+        run_job(cfg, device)
     except (CheckpointBusy, TrackingError) as e:
         raise click.ClickException(str(e)) from None
 
@@ -72,29 +74,28 @@ def pretrain(**values):
       prunetrack pretrain --model vgg16 --pre-epochs 200 --pre-patience 5
     """
     from prunetrack import pretrain as pretraining
-    from prunetrack.job import resolve, resolve_device
     from prunetrack.tracking import TrackingError
 
-    cfg = _job_config(values)
+    cfg, device = _prepared(values)
     if not cfg.train.pre_epochs:
         raise click.BadParameter("pre_epochs is 0: nothing to pre-train; pass --pre-epochs N")
     try:
-        pretraining.obtain(resolve(cfg), resolve_device(cfg.run.device))
+        pretraining.obtain(cfg, device)
     except TrackingError as e:
         raise click.ClickException(str(e)) from None
 
 
-def _job_config(values: dict) -> config.JobConfig:
-    """The validated configuration of `prune`'s options; a usage error names what is wrong."""
-    from prunetrack.job import resolve_device
+def _prepared(values: dict):
+    """The configuration of `prune`'s options, validated and resolved by `job.prepare`
+    (here rather than inside run_job, so that a bad option is a usage error), and its
+    device; a usage error names what is wrong."""
+    from prunetrack import job
 
     try:
         cfg = config.JobConfig.from_flat(values)
-        cfg.validate()
-        resolve_device(cfg.run.device)
+        return cfg, job.prepare(cfg)
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
-    return cfg
 
 
 def _csv(kind, what: str):
@@ -273,12 +274,9 @@ def _fail_mlflow_run(message: str) -> None:
     run_id = os.environ.get("MLFLOW_RUN_ID")
     if not run_id:
         return
-    import mlflow
+    from prunetrack import tracking
 
-    client = mlflow.MlflowClient()
     try:
-        if client.get_run(run_id).info.status == "RUNNING":
-            client.set_tag(run_id, "error", message[:4000])
-            client.set_terminated(run_id, "FAILED")
-    except Exception:
+        tracking.end_if_running(run_id, "FAILED", message)
+    except Exception:  # the store itself may be what failed; the message is printed anyway
         pass

@@ -4,6 +4,9 @@ Each field carries its help text (and, for named choices, the registry it must b
 key of). The Click options in `prunetrack.cli` and the MLflow params are generated
 from these fields, so a new hyperparameter is added here and nowhere else (plus its
 line in MLproject, which a test keeps in step).
+
+This module imports nothing heavy (no torch, mlflow or numpy): the command line builds
+its options from it, and `prunetrack --help` should answer at once.
 """
 from __future__ import annotations
 
@@ -13,6 +16,27 @@ import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
+
+# The names each registry of named choices accepts, in the registry's order (error
+# messages and --help list them in this order). The registries themselves live beside
+# the code they name (data.DATASETS, models.MODELS, pruning.PRUNERS, training.OPTIMIZERS)
+# and import torch; the names are kept here so that building the command line does not.
+# Each registry module calls `check_registry` on import, so the two cannot drift apart.
+DATASETS = ("cifar10", "cifar100", "synthetic")
+MODELS = ("vgg11", "vgg13", "vgg16", "vgg19", "vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn",
+          "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet50")
+PRUNERS = ("rand", "mag", "snip", "grasp", "synflow")
+SCOPES = ("global", "local")
+SCHEDULES = ("exponential", "linear")
+OPTIMIZERS = ("adam", "sgd", "momentum", "rms")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+REGISTRIES = {"datasets": DATASETS, "models": MODELS, "pruners": PRUNERS, "scopes": SCOPES,
+              "schedules": SCHEDULES, "optimizers": OPTIMIZERS, "precisions": PRECISIONS}
+
+# Rounds of score-then-mask when `iterations` is 0: SynFlow iterates (100 rounds, as in
+# its paper), every other pruner scores once.
+DEFAULT_ITERATIONS = {"synflow": 100}
 
 
 def _f(default, help: str, choices: str | None = None, minimum: float | None = None, mlproject: bool = True):
@@ -47,7 +71,8 @@ class PruneConfig:
                             minimum=1.0)
     scope: str = _f("global", "Rank scores across all layers (global) or within each layer (local).",
                     choices="scopes")
-    iterations: int = _f(0, "Prune-score rounds (0: the pruner's default, 100 for synflow, 1 otherwise).",
+    iterations: int = _f(0, f"Prune-score rounds (0: the pruner's default, "
+                            f"{DEFAULT_ITERATIONS['synflow']} for synflow, 1 otherwise).",
                          minimum=0)
     schedule: str = _f("exponential", "How density falls over the rounds.", choices="schedules")
     prune_per_class: int = _f(10, "Pruning data: examples per class.", minimum=1)
@@ -161,6 +186,9 @@ class JobConfig:
         they are left out, and Rand, SNIP, GraSP and SynFlow at 1x with the same seed are
         one configuration (the dense network), run once."""
         flat = self.flat()
+        # The rounds actually run, so that iterations=0 (the pruner's default) and that
+        # default written out are one configuration, whether or not `resolve` ran first.
+        flat["iterations"] = resolved_iterations(self)
         if self.dense():
             flat = {k: v for k, v in flat.items() if k not in PRUNING_FIELDS}
         return _digest(flat, skip=NAMING_FIELDS)
@@ -175,6 +203,33 @@ class JobConfig:
         one pre-training run."""
         flat = self.flat()
         return _digest({k: flat[k] for k in PRETRAIN_FIELDS}, skip=())
+
+
+def default_iterations(pruner: str) -> int:
+    """The rounds a pruner runs when `iterations` is 0."""
+    return DEFAULT_ITERATIONS.get(pruner, 1)
+
+
+def resolved_iterations(cfg: JobConfig) -> int:
+    """The rounds `cfg` prunes for: its `iterations`, or the pruner's default when 0."""
+    return cfg.prune.iterations or default_iterations(cfg.prune.pruner)
+
+
+def resolve(cfg: JobConfig) -> JobConfig:
+    """Fill the fields whose default depends on other fields (in place), so that the run
+    logs the values it used."""
+    cfg.prune.iterations = resolved_iterations(cfg)
+    return cfg
+
+
+def default_run_name(cfg: JobConfig) -> str:
+    """The name a run gets when none is given: model-pruner-compression-sSEED."""
+    return f"{cfg.model.model}-{cfg.prune.pruner}-{cfg.prune.compression:g}x-s{cfg.run.seed}"
+
+
+def run_name(cfg: JobConfig) -> str:
+    """The run's MLflow name: the `run_name` option, else the default name."""
+    return cfg.run.run_name or default_run_name(cfg)
 
 
 def _digest(flat: dict[str, Any], skip: tuple[str, ...]) -> str:
@@ -237,14 +292,13 @@ def coerce(f: dataclasses.Field, value: Any) -> Any:
 
 def choices(registry: str) -> list[str]:
     """The valid names for a registry-backed field."""
-    from prunetrack import data, models, pruning, training
+    return list(REGISTRIES[registry])
 
-    return list({
-        "datasets": data.DATASETS,
-        "models": models.MODELS,
-        "pruners": pruning.PRUNERS,
-        "scopes": pruning.SCOPES,
-        "schedules": pruning.SCHEDULES,
-        "optimizers": training.OPTIMIZERS,
-        "precisions": training.PRECISIONS,
-    }[registry])
+
+def check_registry(registry: str, names) -> None:
+    """Fail on import when a registry's keys differ from the names listed above (a name
+    added in one place only would be refused by the command line, or accepted there and
+    then fail in the job)."""
+    if tuple(names) != REGISTRIES[registry]:
+        raise RuntimeError(f"the {registry} registry holds {tuple(names)}, but prunetrack.config lists "
+                           f"{REGISTRIES[registry]}: update config.{registry.upper()}")

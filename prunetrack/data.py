@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from prunetrack import config
+
 
 class DataNotFoundError(FileNotFoundError):
     """The dataset is not where we looked and could not be downloaded."""
@@ -149,6 +151,7 @@ DATASETS = {
     "cifar100": lambda data_dir, download, seed: _load_cifar("cifar100", data_dir, download),
     "synthetic": lambda data_dir, download, seed: _synthetic(seed),
 }
+config.check_registry("datasets", DATASETS)
 
 
 def load(name: str, data_dir: str = "data", download: bool = True, train_subset: int = 0,

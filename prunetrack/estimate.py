@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from prunetrack import masking, models, pruning, training
-from prunetrack.config import JobConfig
+from prunetrack.config import JobConfig, resolved_iterations
 
 # Training / test examples of each dataset (the probe does not load the data).
 SIZES = {"cifar10": (50_000, 10_000), "cifar100": (50_000, 10_000), "synthetic": (1_000, 200)}
@@ -94,7 +94,7 @@ def seconds(cfg: JobConfig, rates: Rates, kind: str = "prune", done_epochs: int 
     if kind == "pretrain":
         return per_epoch * max(cfg.train.pre_epochs - done_epochs, 0)
     prune_time = 0.0 if done_epochs or cfg.dense() else \
-        rates.prune_round.get(cfg.prune.pruner, 0.0) * cfg.prune.iterations
+        rates.prune_round.get(cfg.prune.pruner, 0.0) * resolved_iterations(cfg)
     # The final measurements evaluate the test set timing_repeats + 1 times.
     n_test = min(SIZES.get(cfg.data.dataset, (0, 10_000))[1], cfg.data.test_subset or 10**9)
     timing = (cfg.run.timing_repeats + 1) * n_test / rates.test

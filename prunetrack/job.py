@@ -18,7 +18,9 @@ import numpy as np
 import torch
 
 from prunetrack import __version__, checkpoint, data, masking, measure, models, pruning, tracking, training
-from prunetrack.config import JobConfig
+
+# resolve and run_name are defined in config (torch-free); sweep imports them from here too.
+from prunetrack.config import JobConfig, resolve, run_name
 
 
 def resolve_device(name: str) -> torch.device:
@@ -45,16 +47,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
-
-
-def resolve(cfg: JobConfig) -> JobConfig:
-    """Fill the fields whose default depends on other fields (in place)."""
-    cfg.prune.iterations = cfg.prune.iterations or pruning.DEFAULT_ITERATIONS.get(cfg.prune.pruner, 1)
-    return cfg
-
-
-def run_name(cfg: JobConfig) -> str:
-    return cfg.run.run_name or f"{cfg.model.model}-{cfg.prune.pruner}-{cfg.prune.compression:g}x-s{cfg.run.seed}"
 
 
 def common_tags(cfg: JobConfig, device: torch.device) -> dict:
@@ -132,6 +124,7 @@ def train_phase(s: Setup, cfg: JobConfig, ckpt: checkpoint.Checkpoint, state: di
                     "model": {k: v.detach().clone() for k, v in s.model.state_dict().items()}}
         ckpt.save(snapshot(epoch))
         tracking.log_metrics(metrics, epoch)
+        tracking.stop_if_parent_died()  # a cell of a sweep killed outright: stop, KILLED, checkpoint kept
         if stopped(epoch):
             print(f"{phase}: test loss has not improved for {patience} epochs since epoch {best['epoch']}; "
                   f"stopping", flush=True)
@@ -154,12 +147,24 @@ def train_phase(s: Setup, cfg: JobConfig, ckpt: checkpoint.Checkpoint, state: di
     return history
 
 
-def run_job(cfg: JobConfig) -> str:
-    """Run one job; returns the MLflow run id. Raises on bad configuration before any
-    run is created, and on any later failure after closing the run as FAILED."""
+def prepare(cfg: JobConfig) -> torch.device:
+    """Everything that can refuse a job before any run exists, done once per job:
+    validate the configuration, fill its derived fields (in place) and pick the device.
+    Raises ValueError naming what is wrong."""
     cfg.validate()
     device = resolve_device(cfg.run.device)
     resolve(cfg)
+    return device
+
+
+def run_job(cfg: JobConfig, device: torch.device | None = None) -> str:
+    """Run one job; returns the MLflow run id. Raises on bad configuration before any
+    run is created, and on any later failure after closing the run as FAILED.
+    `device` is what `prepare(cfg)` returned when the caller prepared the job already
+    (the command line does, to report a bad option as a usage error); without it the
+    job is prepared here."""
+    if device is None:
+        device = prepare(cfg)
     p, t = cfg.prune, cfg.train
     name = run_name(cfg)
     tracking.prepare_store()  # a dead server fails here, in seconds; a new SQLite store is created once
@@ -230,7 +235,7 @@ def load_start(model: torch.nn.Module, source: str) -> None:
     """Load starting weights (masks, which weights files do not hold, stay as they are)."""
     weights = tracking.load_weights(source)
     missing, unexpected = model.load_state_dict(weights, strict=False)
-    missing = [k for k in missing if not k.endswith("weight_mask")]
+    missing = [k for k in missing if not masking.is_mask_key(k)]
     if missing or unexpected:
         raise ValueError(f"the weights in {source!r} do not fit this model: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")

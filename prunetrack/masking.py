@@ -1,5 +1,7 @@
 """Masks beside weights, as in torch.nn.utils.prune: every prunable layer (Conv2d or
-Linear) carries a boolean buffer `weight_mask` of the weight's shape.
+Linear) carries a boolean buffer `prune_mask` of the weight's shape. (Not named
+`weight_mask`, the buffer torch.nn.utils.prune adds when it prunes `weight`, so that
+both can sit on one layer.)
 
 Unlike torch.nn.utils.prune we do not recompute `weight * mask` on every forward
 (that costs a pass over the weights in the forward and again in the backward).
@@ -16,6 +18,12 @@ import torch
 from torch import nn
 
 PRUNABLE = (nn.Conv2d, nn.Linear)
+MASK = "prune_mask"  # the buffer's name; state dict keys end in ".prune_mask"
+
+
+def is_mask_key(key: str) -> bool:
+    """Whether a state dict key names a mask buffer (weights files leave them out)."""
+    return key.rsplit(".", 1)[-1] == MASK
 
 
 def prunable_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -24,15 +32,15 @@ def prunable_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def add_masks(model: nn.Module) -> nn.Module:
-    """Give every prunable layer an all-True `weight_mask` (if it has none yet)."""
+    """Give every prunable layer an all-True `prune_mask` (if it has none yet)."""
     for m in prunable_layers(model).values():
-        if not hasattr(m, "weight_mask"):
-            m.register_buffer("weight_mask", torch.ones_like(m.weight, dtype=torch.bool))
+        if not hasattr(m, MASK):
+            m.register_buffer(MASK, torch.ones_like(m.weight, dtype=torch.bool))
     return model
 
 
 def get_masks(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: m.weight_mask for name, m in prunable_layers(model).items()}
+    return {name: m.prune_mask for name, m in prunable_layers(model).items()}
 
 
 @torch.no_grad()
@@ -46,10 +54,10 @@ def set_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
         mask = masks[name].to(device=m.weight.device, dtype=torch.bool)
         if mask.shape != m.weight.shape:
             raise ValueError(f"mask for {name} has shape {tuple(mask.shape)}, weight has {tuple(m.weight.shape)}")
-        if hasattr(m, "weight_mask"):
-            m.weight_mask.copy_(mask)
+        if hasattr(m, MASK):
+            m.prune_mask.copy_(mask)
         else:
-            m.register_buffer("weight_mask", mask.clone())
+            m.register_buffer(MASK, mask.clone())
     apply_masks(model)
 
 
@@ -57,7 +65,7 @@ def set_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
 def apply_masks(model: nn.Module) -> None:
     """Zero every pruned weight (call after each optimizer step)."""
     for m in prunable_layers(model).values():
-        m.weight.mul_(m.weight_mask)
+        m.weight.mul_(m.prune_mask)
 
 
 def count(model: nn.Module) -> tuple[int, int]:

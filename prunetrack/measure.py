@@ -142,7 +142,7 @@ def layer_rows(model: nn.Module, flops: Flops) -> list[dict[str, Any]]:
     flops_dense, flops_effective."""
     rows = []
     for name, m in masking.prunable_layers(model).items():
-        mask = m.weight_mask
+        mask = m.prune_mask
         remaining = int(mask.sum())
         density = remaining / mask.numel()  # as in `densities`
         rows.append({"layer": name, "type": type(m).__name__, "shape": "x".join(map(str, mask.shape)),
@@ -162,7 +162,7 @@ def densities(model: nn.Module) -> dict[str, float]:
 def surviving_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """Layer name -> its surviving weights (entries where the mask is True), flattened,
     copied to the CPU: a snapshot that later training does not change."""
-    return {name: m.weight.detach()[m.weight_mask].to("cpu", torch.float32, copy=True)
+    return {name: m.weight.detach()[m.prune_mask].to("cpu", torch.float32, copy=True)
             for name, m in masking.prunable_layers(model).items()}
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from prunetrack import config
+
 # "M" is a 2x2 max-pool. Four pools take 32x32 down to 2x2; a final 2x2 *average*
 # pool then gives the classifier a 512-wide vector. This is the CIFAR VGG of the
 # pruning-at-initialization literature (open_lth's, which Synaptic-Flow's `lottery`
@@ -160,6 +162,7 @@ MODELS = {
     **{f"resnet{d}": _cifar_resnet(d) for d in (20, 32, 44, 56, 110)},
     "resnet50": lambda num_classes=10: ResNet(Bottleneck, [3, 4, 6, 3], [64, 128, 256, 512], num_classes),
 }
+config.check_registry("models", MODELS)
 
 
 def get_model(name: str, num_classes: int = 10) -> nn.Module:

@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from prunetrack import checkpoint, data, tracking
+from prunetrack import checkpoint, data, masking, tracking
 from prunetrack.config import PRETRAIN_FIELDS, JobConfig
 
 
@@ -87,7 +87,7 @@ def run_pretrain(cfg: JobConfig, device: torch.device, experiment: str, ckpt: ch
                               "best_test_loss": best["test_loss"], "best_test_top1": best["test_top1"],
                               "pretraining_time": sum(h["epoch_time"] for h in history)})
         tracking.log_tags({"stopped": "patience" if len(history) < t.pre_epochs else "pre_epochs"})
-        weights = {k: v for k, v in s.model.state_dict().items() if not k.endswith("weight_mask")}
+        weights = {k: v for k, v in s.model.state_dict().items() if not masking.is_mask_key(k)}
         tracking.log_weights(weights)
         print(f"pre-training done: {len(history)} epochs, weights of epoch {best['epoch']} "
               f"(test loss {best['test_loss']:.4f}, top-1 {best['test_top1']:.2f}%)", flush=True)

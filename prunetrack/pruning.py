@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunetrack import masking
+from prunetrack import config, masking
 
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -149,10 +149,9 @@ PRUNERS = {
     "grasp": grasp_scores,
     "synflow": synflow_scores,
 }
-# Rounds of score-then-mask when `iterations` is 0.
-DEFAULT_ITERATIONS = {"synflow": 100}
-SCOPES = ("global", "local")
-SCHEDULES = ("exponential", "linear")
+config.check_registry("pruners", PRUNERS)
+SCOPES = config.SCOPES
+SCHEDULES = config.SCHEDULES
 
 
 # ---------------------------------------------------------------------------- masks from scores
@@ -276,7 +275,7 @@ def prune(model: nn.Module, pruner: str, compression: float, batches: Batches | 
           invert: bool = False, shuffle: bool = False, seed: int = 0,
           progress: Callable[[int], None] | None = None) -> PruneResult:
     """Score and mask `model` in place so that round(total / compression) prunable
-    weights survive. Returns the masks, also installed as each layer's `weight_mask`.
+    weights survive. Returns the masks, also installed as each layer's `prune_mask`.
 
     Scoring runs in eval mode for every pruner (BatchNorm uses its running statistics,
     as in the Synaptic-Flow reference code), with gradients cleared before and after
@@ -291,7 +290,7 @@ def prune(model: nn.Module, pruner: str, compression: float, batches: Batches | 
     if iterations < 0:
         raise ValueError(f"iterations must be >= 0 (0: the pruner's default), got {iterations}")
     score_fn = PRUNERS[pruner]
-    rounds = iterations or DEFAULT_ITERATIONS.get(pruner, 1)
+    rounds = iterations or config.default_iterations(pruner)
     generator = torch.Generator().manual_seed(seed)
     masking.add_masks(model)
     layers = masking.prunable_layers(model)

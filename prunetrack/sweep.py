@@ -27,7 +27,6 @@ import itertools
 import json
 import os
 import queue
-import re
 import socket
 import subprocess
 import sys
@@ -38,7 +37,7 @@ from typing import Any, Callable, Iterator
 
 import yaml
 
-from prunetrack import config, tracking
+from prunetrack import config, servers, tracking
 from prunetrack.config import JobConfig
 
 SPEC_KEYS = ("name", "description", "experiment", "base", "grid", "overrides")
@@ -103,7 +102,7 @@ class Result:
     cell: Cell
     status: str       # finished | failed | skipped
     seconds: float = 0.0
-    run_id: str | None = None
+    run_id: str | None = None  # found by the run's tags once the cell's process ended
     output: str = ""  # the cell process's output (tail), for failures
 
 
@@ -236,17 +235,13 @@ def _default(key: str) -> Any:
 
 
 def _cell(point: dict[str, Any], values: dict[str, Any], experiment: str) -> Cell:
-    from prunetrack.job import resolve
-
     key = ",".join(f"{k}={_fmt(v)}" for k, v in point.items())
     try:
         cfg = JobConfig.from_flat(values).validate()
     except (ValueError, TypeError) as e:
         raise SpecError(f"cell {key}: {e}") from None
-    resolve(cfg)
-    named = {"model": cfg.model.model, "pruner": cfg.prune.pruner, "compression": cfg.prune.compression,
-             "seed": cfg.run.seed}
-    name = f"{named['model']}-{named['pruner']}-{named['compression']:g}x-s{named['seed']}"
+    config.resolve(cfg)
+    name = config.default_run_name(cfg)
     name += "".join(f"-{k}={_fmt(v)}" for k, v in point.items() if k not in NAME_FIELDS)
     cfg.run.experiment, cfg.run.run_name = experiment, name
     return Cell(key=key, name=name, config=cfg, config_hash=cfg.config_hash())
@@ -277,6 +272,8 @@ def cell_env(cell: Cell, sweep: str, parent_run_id: str, tracking_uri: str) -> d
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     return {
         "MLFLOW_TRACKING_URI": tracking_uri,
+        # Set on the cell's run (and on a pre-training it starts) as the run is created: the
+        # sweep finds the run by them (tracking.find_cell_run) once the process has ended.
         tracking.RUN_TAGS_ENV: json.dumps({"mlflow.parentRunId": parent_run_id, "sweep": sweep,
                                            "cell": cell.key}),
         # The child imports the same prunetrack as the sweep (a checkout, not only an install).
@@ -284,27 +281,27 @@ def cell_env(cell: Cell, sweep: str, parent_run_id: str, tracking_uri: str) -> d
     }
 
 
-_RUN_LINE = re.compile(r"^run ([0-9a-f]{32}):", re.M)
-
-
 def run_cell_process(command: list[str], env: dict[str, str], on_line: Callable[[str], None] | None = None,
-                     started: Callable[[subprocess.Popen], bool] | None = None,
-                     tie_to_parent: bool = False) -> tuple[int, str, str | None]:
-    """Run one cell's process to the end; returns (exit code, output tail, run id).
+                     started: Callable[[subprocess.Popen], bool] | None = None) -> tuple[int, str]:
+    """Run one cell's process to the end; returns (exit code, output tail). The sweep
+    finds the cell's run afterwards by its tags (tracking.find_cell_run).
 
-    `started` is told the process (and may refuse it, returning False, when the sweep is
-    stopping). If this thread is interrupted (Ray cancelling the task), the process gets
-    SIGTERM, which its job turns into a KILLED run, before the interruption goes on.
+    The process gets a session of its own: a Ctrl-C in the terminal reaches only the
+    sweep, which stops its cells before the tracking server they log to. `started` is
+    told the process (and may refuse it, returning False, when the sweep is stopping). If
+    this thread is interrupted (Ray cancelling the task), the process gets SIGTERM, which
+    its job turns into a KILLED run, before the interruption goes on. If this process is
+    killed outright, the cell notices between epochs (PRUNETRACK_PARENT_PID) and stops.
     """
-    full_env = {**os.environ, **env}
+    full_env = {**os.environ, **env, tracking.PARENT_PID_ENV: str(os.getpid())}
     # A sweep under `mlflow run` has these for its own run; a cell must open a new one.
     for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
         full_env.pop(var, None)
     proc = subprocess.Popen(command, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            bufsize=1, preexec_fn=tracking.die_with_parent if tie_to_parent else None)
+                            bufsize=1, start_new_session=True)
     if started is not None and not started(proc):
-        _stop(proc)
-        return -15, "", None
+        servers.stop(proc)
+        return -15, ""
     lines: list[str] = []
     try:
         for line in proc.stdout:
@@ -313,21 +310,9 @@ def run_cell_process(command: list[str], env: dict[str, str], on_line: Callable[
                 on_line(line)
         code = proc.wait()
     except BaseException:
-        _stop(proc)
+        servers.stop(proc)
         raise
-    output = "".join(lines)
-    match = _RUN_LINE.search(output)
-    return code, output[-6000:], match.group(1) if match else None
-
-
-def _stop(proc: subprocess.Popen, grace: float = 30.0) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    return code, "".join(lines)[-6000:]
 
 
 # ---------------------------------------------------------------------------- executors
@@ -373,12 +358,12 @@ def run_local(cells: list[Cell], envs: dict[str, dict[str, str]], parallel: int,
             on_start(cell, f"gpu {gpu}" if gpu is not None else "cpu")
             start = time.time()
             try:
-                code, output, run_id = run_cell_process(
+                code, output = run_cell_process(
                     cell_command(cell), env, on_line=(lambda line: print("    " + line, end="", flush=True)) if echo
-                    else None, started=started, tie_to_parent=True)
+                    else None, started=started)
             except Exception as e:  # the process could not start: this cell fails, the others go on
                 return Result(cell, "failed", time.time() - start, output=f"cannot run the cell: {e!r}")
-            return Result(cell, "finished" if code == 0 else "failed", time.time() - start, run_id, output)
+            return Result(cell, "finished" if code == 0 else "failed", time.time() - start, output=output)
         finally:
             slots.put(gpu)
 
@@ -388,21 +373,22 @@ def run_local(cells: list[Cell], envs: dict[str, dict[str, str]], parallel: int,
         for future in as_completed(futures):
             yield future.result()
     finally:
+        # The cells are in sessions of their own: nothing else stops them (SIGTERM to the
+        # sweep arrives here as an exception, through tracking.sigterm_raises).
         with lock:
             stopping.set()
             running = list(live)
-        for proc in running:
-            _stop(proc)
+        servers.stop(*running)
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _ray_cell(command: list[str], env: dict[str, str]) -> tuple[int, str, str | None, float]:
+def _ray_cell(command: list[str], env: dict[str, str]) -> tuple[int, str, float]:
     """The body of one Ray task: the cell's process on whichever node Ray chose, with the
     GPU Ray assigned (Ray sets CUDA_VISIBLE_DEVICES for the task)."""
     start = time.time()
     # The driver's interpreter path may not exist on a cluster node; the worker's does.
-    code, output, run_id = run_cell_process([sys.executable, *command[1:]], env)
-    return code, output, run_id, time.time() - start
+    code, output = run_cell_process([sys.executable, *command[1:]], env)
+    return code, output, time.time() - start
 
 
 def run_ray(cells: list[Cell], envs: dict[str, dict[str, str]], address: str | None,
@@ -433,11 +419,11 @@ def run_ray(cells: list[Cell], envs: dict[str, dict[str, str]], address: str | N
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 cell = pending.pop(ready[0])
                 try:
-                    code, output, run_id, seconds = ray.get(ready[0])
+                    code, output, seconds = ray.get(ready[0])
                 except Exception as e:  # the task itself died (node lost, worker killed)
                     yield Result(cell, "failed", output=f"ray task failed: {e}")
                     continue
-                yield Result(cell, "finished" if code == 0 else "failed", seconds, run_id, output)
+                yield Result(cell, "finished" if code == 0 else "failed", seconds, output=output)
         finally:
             for ref in pending:  # interrupts the task, which stops its cell (KILLED run)
                 with contextlib.suppress(Exception):
@@ -489,7 +475,9 @@ def run_sweep(spec: Spec, parallel: int = 1, executor: str = "local", ray_addres
         echo(f"closed run {run_id} (KILLED): left RUNNING by an earlier sweep process that died")
     results: list[Result] = list(skipped)
     concurrent = executor == "ray" or (parallel > 1 and len(todo) > 1)
-    with tracking.tracking_server(needed=concurrent) as uri, \
+    # The server is entered first and left last: it outlives the cells that log to it. A
+    # SIGTERM while it starts stops it too.
+    with tracking.sigterm_raises(), servers.tracking_server(needed=concurrent) as uri, \
             tracking.job_run(experiment, f"sweep-{spec.name}",
                              tags={"sweep": spec.name, "sweep_host": host, "sweep_pid": os.getpid()}) as parent:
         tracking.log_text(spec.text or yaml.safe_dump({"name": spec.name}), "sweep.yaml")
@@ -501,6 +489,10 @@ def run_sweep(spec: Spec, parallel: int = 1, executor: str = "local", ray_addres
             stream = run_ray(todo, envs, ray_address, progress.started)
         with contextlib.closing(stream):
             for result in stream:
+                # The cell's run, by its tags (a resumed run may have been created by an earlier sweep).
+                result.run_id = tracking.find_cell_run(
+                    experiment, spec.name, parent.info.run_id,
+                    "pretrain_hash" if result.cell.kind == "pretrain" else "config_hash", result.cell.config_hash)
                 if result.status == "failed" and result.run_id:
                     # A process killed outright (SIGKILL, out of memory) cannot close its own run.
                     tracking.end_if_running(result.run_id, "FAILED", "the cell's process died without closing "

@@ -95,18 +95,15 @@ def time_runs(experiment: str, rounds: int = 5, batch_size: int = 256, device: s
         done = time.perf_counter() - start
         echo(f"  round {i + 1}/{rounds} done ({done:.0f}s; ~{done / (i + 1) * (rounds - i - 1):.0f}s left)")
 
-    client = mlflow.MlflowClient()
     when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     conditions = {"timing.rounds": rounds, "timing.threads": torch.get_num_threads(),
                   "timing.device": device_name(dev), "timing.batch_size": batch_size,
                   "timing.loadavg": f"{load:.2f}", "timing.when": when}
     for t in timed:
         median = statistics.median(t.times)
-        for k, v in {"timed_test_time": median, "timed_test_time_min": min(t.times),
-                     "timed_test_time_max": max(t.times)}.items():
-            client.log_metric(t.run_id, k, v)
-        for k, v in {**conditions, "timing.precision": t.precision}.items():
-            client.set_tag(t.run_id, k, str(v))
+        tracking.log_to_finished_run(t.run_id, {"timed_test_time": median, "timed_test_time_min": min(t.times),
+                                                "timed_test_time_max": max(t.times)},
+                                     {**conditions, "timing.precision": t.precision})
         echo(f"  {t.name:32s} median {median * 1e3:8.1f} ms  (min {min(t.times) * 1e3:.1f}, "
              f"max {max(t.times) * 1e3:.1f})")
     return timed

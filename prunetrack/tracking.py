@@ -1,9 +1,9 @@
-"""Everything prunetrack writes to MLflow, in one place.
+"""Everything prunetrack writes to MLflow, in one place, and the look-ups it needs.
 
 A job opens its run with `job_run` (which also picks up the run that `mlflow run`
 created, through MLFLOW_RUN_ID) and logs through the helpers below. The run ends
 FINISHED, or FAILED with the error as a tag and the traceback as `error.txt`
-(KILLED on Ctrl-C or SIGTERM), never left RUNNING.
+(KILLED on Ctrl-C, SIGTERM, or when the sweep that started it dies), never left RUNNING.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import tempfile
+import time
 import traceback
 import urllib.parse
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 import mlflow
 import torch
 import yaml
+from mlflow.entities import Metric, Param, RunTag
 
 from prunetrack import masking
 
@@ -45,6 +47,20 @@ def _raise_terminated(signum, frame):
     raise _Terminated(f"terminated by signal {signum}")
 
 
+@contextlib.contextmanager
+def sigterm_raises():
+    """While the block runs, SIGTERM raises _Terminated in the main thread (a no-op in
+    other threads), so that `finally` blocks close runs and stop child processes."""
+    previous = None
+    with contextlib.suppress(ValueError):  # not in the main thread
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
 # Tags a parent process (a sweep) asks every run it starts to carry, as a JSON object
 # (e.g. {"mlflow.parentRunId": ..., "sweep": ..., "cell": ...}).
 RUN_TAGS_ENV = "PRUNETRACK_RUN_TAGS"
@@ -61,6 +77,32 @@ def env_tags() -> dict[str, str]:
     if not isinstance(tags, dict):
         raise ValueError(f"{RUN_TAGS_ENV} must be a JSON object of tags, got {raw!r}")
     return {str(k): str(v) for k, v in tags.items()}
+
+
+# The pid of the process that started this job (a sweep sets it for its cells). A cell
+# runs in a session of its own, so a sweep killed outright (SIGKILL) takes nothing with it:
+# the cell compares this pid with its parent's to stop by itself.
+PARENT_PID_ENV = "PRUNETRACK_PARENT_PID"
+_DIED = "the sweep process (pid {pid}) died; the checkpoint is kept: run the sweep again to resume"
+
+
+class ParentDied(KeyboardInterrupt):
+    """The sweep that started this job is gone: the run ends KILLED, the checkpoint stays
+    for the next sweep to resume."""
+
+
+def parent_died() -> bool:
+    """Whether the process that started this job, its direct parent, has exited. An orphan
+    is re-parented at once, so its parent pid changes: unlike kill(pid, 0), neither a dead
+    parent not yet reaped (a zombie) nor a reused pid can fool this."""
+    pid = os.environ.get(PARENT_PID_ENV)
+    return bool(pid) and os.getppid() != int(pid)
+
+
+def stop_if_parent_died() -> None:
+    """Called between epochs: raise ParentDied once the sweep that started the job is gone."""
+    if parent_died():
+        raise ParentDied(_DIED.format(pid=os.environ[PARENT_PID_ENV]))
 
 
 def experiment_id(name: str) -> str:
@@ -103,32 +145,33 @@ def job_run(experiment: str, run_name: str, tags: dict[str, Any] | None = None, 
     those in PRUNETRACK_RUN_TAGS are set as the run starts, so that even a run that fails
     at once is attributed to its sweep."""
     tags = {**env_tags(), **{k: str(v) for k, v in (tags or {}).items()}}
-    previous = None
-    # Installed before the run exists, so a SIGTERM that arrives while it is being
+    # Entered before the run exists, so a SIGTERM that arrives while it is being
     # created still closes it (as KILLED) instead of leaving it RUNNING.
-    with contextlib.suppress(ValueError):  # not in the main thread
-        previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
-        if os.environ.get("MLFLOW_RUN_ID"):
-            run = mlflow.start_run(tags=tags or None)
-        elif resume_run_id:
-            run = mlflow.start_run(run_id=resume_run_id, tags=tags or None)
+    with sigterm_raises():
+        try:
+            if os.environ.get("MLFLOW_RUN_ID"):
+                run = mlflow.start_run(tags=tags or None)
+            elif resume_run_id:
+                run = mlflow.start_run(run_id=resume_run_id, tags=tags or None)
+            else:
+                run = mlflow.start_run(experiment_id=experiment_id(experiment), run_name=run_name, tags=tags or None)
+            yield run
+        except BaseException as e:
+            error = f"{type(e).__name__}: {e}"
+            killed = isinstance(e, KeyboardInterrupt)  # Ctrl-C, SIGTERM (_Terminated), ParentDied
+            if not killed and parent_died():
+                # A print to the dead sweep's pipe (BrokenPipeError) usually fails before the check
+                # between epochs: the same event, closed the same way (error.txt has the trace).
+                error, killed = f"{ParentDied.__name__}: {_DIED.format(pid=os.environ[PARENT_PID_ENV])}", True
+            status = "KILLED" if killed else "FAILED"
+            if mlflow.active_run():
+                with contextlib.suppress(Exception):  # a dead tracking server must not hide the real error
+                    mlflow.set_tag("error", error[:4000])
+                    mlflow.log_text(traceback.format_exc(), "error.txt")
+                mlflow.end_run(status)
+            raise
         else:
-            run = mlflow.start_run(experiment_id=experiment_id(experiment), run_name=run_name, tags=tags or None)
-        yield run
-    except BaseException as e:
-        status = "KILLED" if isinstance(e, (KeyboardInterrupt, _Terminated)) else "FAILED"
-        if mlflow.active_run():
-            with contextlib.suppress(Exception):  # a dead tracking server must not hide the real error
-                mlflow.set_tag("error", f"{type(e).__name__}: {e}"[:4000])
-                mlflow.log_text(traceback.format_exc(), "error.txt")
-            mlflow.end_run(status)
-        raise
-    else:
-        mlflow.end_run("FINISHED")
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+            mlflow.end_run("FINISHED")
 
 
 def logged_steps(run_id: str, key: str) -> set[int]:
@@ -237,8 +280,56 @@ def log_figure(figure, name: str) -> None:
     mlflow.log_figure(figure, name)
 
 
+def log_folder(folder: str) -> None:
+    """Every file under `folder` as artifacts of the active run."""
+    mlflow.log_artifacts(folder)
+
+
 def log_text(text: str, name: str) -> None:
     mlflow.log_text(text, name)
+
+
+# ---------------------------------------------------------------------------- runs that have ended
+
+BATCH = 100  # log_batch takes at most 100 params or tags, 1000 metrics, per call
+
+
+def log_to_finished_run(run_id: str, metrics: dict[str, float], tags: dict[str, Any]) -> None:
+    """Metrics (step 0) and tags added to a run that has ended, e.g. by the timing pass,
+    without reopening it: its status and end time stay as they are."""
+    now = int(time.time() * 1000)
+    mlflow.MlflowClient().log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+                                    tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def import_run(experiment_id: str, record: dict, tags: dict[str, str]) -> str:
+    """Recreate an exported run (`prunetrack import`): its name, start time, params, `tags`,
+    metric histories, text artifacts, then its status and end time. Returns the new id; a
+    run whose copy fails half-way is closed FAILED, never left RUNNING."""
+    client = mlflow.MlflowClient()
+    run_id = client.create_run(experiment_id, start_time=record["start_time"], run_name=record["run_name"]).info.run_id
+    try:
+        params = [Param(k, str(v)) for k, v in record["params"].items()]
+        tag_list = [RunTag(k, str(v)) for k, v in tags.items()]
+        metrics = [Metric(key, value, timestamp, step)
+                   for key, history in record["metrics"].items() for step, timestamp, value in history]
+        for i in range(0, len(params), BATCH):
+            client.log_batch(run_id, params=params[i:i + BATCH])
+        for i in range(0, len(tag_list), BATCH):
+            client.log_batch(run_id, tags=tag_list[i:i + BATCH])
+        for i in range(0, len(metrics), 10 * BATCH):
+            client.log_batch(run_id, metrics=metrics[i:i + 10 * BATCH])
+        if record["artifacts"]:
+            with tempfile.TemporaryDirectory() as d:
+                for name, text in record["artifacts"].items():
+                    with open(os.path.join(d, os.path.basename(name)), "w", encoding="utf-8") as fh:
+                        fh.write(text)
+                client.log_artifacts(run_id, d)
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, record["status"], end_time=record["end_time"])
+    return run_id
 
 
 # ---------------------------------------------------------------------------- reading back
@@ -362,6 +453,25 @@ def finished_configs(experiment: str) -> dict[str, str]:
             return found
 
 
+def find_cell_run(experiment: str, sweep: str, parent_run_id: str, hash_tag: str, value: str) -> str | None:
+    """The run a sweep's cell logged to, found by its tags once its process has ended:
+    `hash_tag` (config_hash, or pretrain_hash for a pre-training) = `value`, and `sweep`.
+    A cell that resumes a run of an earlier sweep re-tags it with this sweep's parent as it
+    reopens it, so the most recent run with `parent_run_id` is the one; failing that (killed
+    while reopening it), the most recent one left RUNNING. None when the cell made no run."""
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    # The sweep name is compared here, not in the filter, where a quote in it would break the query.
+    runs = [r for r in client.search_runs([exp.experiment_id], f"tags.{hash_tag} = '{value}'", max_results=1000,
+                                          order_by=["attributes.start_time DESC"])
+            if r.data.tags.get("sweep") == sweep]
+    ours = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_run_id]
+    ours = ours or [r for r in runs if r.info.status == "RUNNING"]
+    return ours[0].info.run_id if ours else None
+
+
 def end_if_running(run_id: str, status: str, error: str) -> bool:
     """Close a run its own process could not close (killed by SIGKILL or the OOM killer):
     set `error` and end it with `status`. Returns whether it was still RUNNING."""
@@ -401,100 +511,3 @@ def close_stale_sweeps(experiment: str, sweep: str, host: str, alive) -> list[st
 def tracking_is_remote() -> bool:
     """Whether the tracking URI is a server other machines could reach."""
     return mlflow.get_tracking_uri().startswith(("http://", "https://", "databricks"))
-
-
-def die_with_parent() -> None:
-    """In a child process (Popen preexec_fn): have Linux send it SIGTERM when the thread
-    that started it dies, so a SIGKILLed sweep leaves no server or cell behind. A no-op
-    where prctl is not available."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def mlflow_server(backend_store_uri: str, artifact_args: list[str], env: dict | None = None):
-    """Run a real `mlflow server` on a free loopback port, yield its URL once it answers
-    /health, and stop it when the block ends. Its log is kept (and named in the error)
-    only when it fails to start."""
-    import shutil
-    import sys
-    import time
-    import urllib.request
-
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    mlflow_bin = shutil.which("mlflow", path=os.path.dirname(sys.executable)) or "mlflow"
-    log = tempfile.NamedTemporaryFile("w+", prefix="mlflow-server-", suffix=".log", delete=False)
-    proc = subprocess.Popen(
-        [mlflow_bin, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", backend_store_uri, *artifact_args],
-        stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent, env={**os.environ, **(env or {})})
-    keep_log = True  # until the server is up: its log explains why it is not
-    try:
-        deadline = time.time() + 120
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                raise RuntimeError(f"the mlflow server for {backend_store_uri} exited:\n{log.read()[-3000:]}")
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError(f"the mlflow server for {backend_store_uri} did not answer within 120 s "
-                                   f"(its log: {log.name})")
-            time.sleep(0.3)
-        keep_log = False
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-        if not keep_log:
-            os.unlink(log.name)
-
-
-@contextlib.contextmanager
-def tracking_server(needed: bool):
-    """Yield the tracking URI that concurrent jobs should log to.
-
-    Many processes writing one SQLite file directly fail with "database is locked", so
-    when `needed` and the store is SQLite, a loopback `mlflow server` is started on the
-    same database (artifacts stay where the embedded store puts them, ./mlruns) and this
-    process and its children use it until the block ends. Any other URI is yielded as is.
-    """
-    uri = mlflow.get_tracking_uri()
-    if not needed or not uri.startswith("sqlite:"):
-        yield uri
-        return
-    # Tracking only: the server's background job runner would take CPU from the cells.
-    with mlflow_server(uri, ["--default-artifact-root", os.path.abspath("mlruns"), "--no-serve-artifacts"],
-                       env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}) as url:
-        print(f"tracking server {url} (for {uri})", flush=True)
-        previous = os.environ.get("MLFLOW_TRACKING_URI")
-        os.environ["MLFLOW_TRACKING_URI"] = url
-        mlflow.set_tracking_uri(url)
-        try:
-            yield url
-        finally:
-            mlflow.set_tracking_uri(uri)
-            if previous is None:
-                os.environ.pop("MLFLOW_TRACKING_URI", None)
-            else:
-                os.environ["MLFLOW_TRACKING_URI"] = previous

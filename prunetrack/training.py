@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunetrack import masking
+from prunetrack import config, masking
 
 # The registry of named choices: name -> optimizer(params, lr, weight_decay, fused).
 # `fused` runs the whole update in a few kernels instead of several per parameter
@@ -25,9 +25,9 @@ OPTIMIZERS: dict[str, Callable] = {
                                                               nesterov=True, fused=fused),
     "rms": lambda params, lr, wd, fused: torch.optim.RMSprop(params, lr=lr, weight_decay=wd),
 }
+config.check_registry("optimizers", OPTIMIZERS)
 
-
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = config.PRECISIONS
 
 # CPU flags (Linux /proc/cpuinfo names) of native bf16 arithmetic: AMX tiles, or the
 # AVX-512 bf16 dot products. A CPU with neither only emulates bf16 in oneDNN, which is

@@ -59,7 +59,7 @@ _MLFLOW_RUN_CONTEXT = ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERI
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` (SQLite backend, proxied artifact store) on 127.0.0.1.
     Yields its URL; stopped at the end of the session."""
-    from prunetrack.tracking import mlflow_server as serve
+    from prunetrack.servers import mlflow_server as serve
 
     root = tmp_path_factory.mktemp("server")
     with serve(f"sqlite:///{root}/server.db", ["--artifacts-destination", str(root / "artifacts")]) as url:

@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -67,3 +69,72 @@ def test_cli_refuses_bad_input_clearly(args, message, mlflow_store):
     result = CliRunner().invoke(cli, ["prune", "--dataset", "synthetic", *args])
     assert result.exit_code != 0
     assert message in (result.output + str(result.exception)), result.output
+
+
+def test_registries_hold_the_names_config_lists():
+    """The command line offers config's name lists without importing the registries; the
+    registries (which import torch) must hold exactly those names, in that order."""
+    from prunetrack import data, models, pruning, training
+
+    registries = {"datasets": data.DATASETS, "models": models.MODELS, "pruners": pruning.PRUNERS,
+                  "scopes": pruning.SCOPES, "schedules": pruning.SCHEDULES, "optimizers": training.OPTIMIZERS,
+                  "precisions": training.PRECISIONS}
+    assert set(registries) == set(config.REGISTRIES)
+    for name, registry in registries.items():
+        assert tuple(registry) == config.REGISTRIES[name] == tuple(config.choices(name)), name
+    with pytest.raises(RuntimeError, match="pruners registry holds .*'obd'.*config.PRUNERS"):
+        config.check_registry("pruners", [*pruning.PRUNERS, "obd"])
+
+
+@pytest.mark.parametrize("code", [
+    "import prunetrack.cli",
+    # Building every command and its options, as --help does.
+    "from prunetrack.cli import cli; cli.main(['prune', '--help'], standalone_mode=False)",
+])
+def test_the_command_line_imports_nothing_heavy(code):
+    """`prunetrack --help` must not wait for torch, mlflow or matplotlib: the commands
+    import them when they run."""
+    check = f"{code}; import sys; print([m for m in ('torch', 'mlflow', 'matplotlib', 'numpy') if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", check], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr
+
+
+def test_config_hash_counts_the_rounds_actually_run():
+    """iterations=0 means the pruner's default: the hash is the same whether or not the
+    default was filled in first, and computing it changes nothing."""
+    unresolved = config.JobConfig.from_flat({"pruner": "synflow", "iterations": 0})
+    before = unresolved.config_hash()
+    assert unresolved.prune.iterations == 0
+    resolved = config.resolve(config.JobConfig.from_flat({"pruner": "synflow", "iterations": 0}))
+    assert resolved.prune.iterations == config.default_iterations("synflow") == 100
+    assert resolved.config_hash() == before
+    assert config.JobConfig.from_flat({"pruner": "synflow", "iterations": 100}).config_hash() == before
+    assert config.JobConfig.from_flat({"pruner": "synflow", "iterations": 10}).config_hash() != before
+    assert config.JobConfig.from_flat({"pruner": "mag"}).config_hash() == \
+        config.JobConfig.from_flat({"pruner": "mag", "iterations": 1}).config_hash()
+
+
+def test_run_name():
+    cfg = config.JobConfig.from_flat({"model": "vgg16", "pruner": "snip", "compression": 2.5, "seed": 3})
+    assert config.run_name(cfg) == config.default_run_name(cfg) == "vgg16-snip-2.5x-s3"
+    cfg.run.run_name = "mine"
+    assert config.run_name(cfg) == "mine" and config.default_run_name(cfg) == "vgg16-snip-2.5x-s3"
+
+
+def test_prune_validates_the_configuration_once(mlflow_store, monkeypatch):
+    from prunetrack import job
+
+    calls = []
+    validate = config.JobConfig.validate
+    monkeypatch.setattr(config.JobConfig, "validate", lambda self: calls.append(1) or validate(self))
+
+    class Stop(Exception):
+        pass
+
+    def stop():  # the first step after the preparation: nothing more needs to run
+        raise Stop
+
+    monkeypatch.setattr(job.tracking, "prepare_store", stop)
+    result = CliRunner().invoke(cli, ["prune", "--dataset", "synthetic", "--device", "cpu"])
+    assert isinstance(result.exception, Stop), result.output
+    assert len(calls) == 1

@@ -4,8 +4,8 @@ import pickle
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO
+
 from prunetrack import data
 
 

@@ -2,7 +2,6 @@
 through files and MLflow runs."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 from torch import nn
@@ -100,3 +99,18 @@ def test_set_masks_zeroes_pruned_weights_and_count():
         assert not m.weight[~masks[n]].any() and m.weight[masks[n]].all()
     total = sum(m.numel() for m in masks.values())
     assert masking.count(model) == (total, sum(int(m.sum()) for m in masks.values()))
+
+
+def test_torch_prune_works_on_a_masked_model():
+    """The mask buffer does not take the name torch.nn.utils.prune uses (`weight_mask`),
+    so torch's pruning applies to a masked layer as it is."""
+    from torch.nn.utils import prune as tprune
+
+    model = small_net()
+    masks = random_masks(model)
+    masking.set_masks(model, masks)
+    for name, m in masking.prunable_layers(model).items():
+        tprune.custom_from_mask(m, "weight", m.prune_mask)
+        assert torch.equal(m.weight_mask.bool(), masks[name]) and torch.equal(m.prune_mask, masks[name])
+        assert not m.weight[~masks[name]].any()
+    assert masking.count(model)[1] == sum(int(m.sum()) for m in masks.values())

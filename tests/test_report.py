@@ -14,9 +14,9 @@ import mlflow
 import pytest
 import yaml
 from click.testing import CliRunner
+from conftest import REPO, SMOKE
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, SMOKE
 from prunetrack import cli
 from prunetrack.config import JobConfig
 from prunetrack.job import run_job

@@ -9,10 +9,9 @@ import os
 import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
-
-from prunetrack.report import ReportOptions, Run, assemble, build_report
-from prunetrack.report import figures, findings, render, tables
 from test_report import check_png, job, table
+
+from prunetrack.report import ReportOptions, Run, assemble, build_report, figures, findings, render, tables
 
 HIST = {"layers": {"conv1": {"init": {"counts": [1, 2], "edges": [-1.0, 0.0, 1.0]},
                              "final": {"counts": [2, 1], "edges": [-1.0, 0.0, 1.0]}, "density": 0.5}}}
@@ -167,7 +166,7 @@ def test_dense_cell_shared_at_1x_through_mlflow(pretrained_store):
     found = text.split("## Findings", 1)[1]
     assert f"- Dense baseline [ResNet20 · 1x]: {rand1.data.metrics['test_accuracy']:.2f}% test accuracy, from 1 run" \
         in found
-    assert f"left out: 1 run at 1x that starts from a pre-training" in found and mag1.info.run_id[:8] in found
+    assert "left out: 1 run at 1x that starts from a pre-training" in found and mag1.info.run_id[:8] in found
     missing = text.split("## Missing cells", 1)[1]
     for p in ("SNIP", "GraSP", "SynFlow"):
         assert f"[ResNet20 · {p} · 1x]" not in missing
@@ -188,7 +187,7 @@ def test_pretraining_section_through_mlflow(pretrained_store):
         assert (f"stopped because the test loss had not improved for 1 epoch since epoch {int(m['best_epoch'])} "
                 f"({best}); the cap of 3 epochs (`pre_epochs`) is an upper bound") in section
     else:
-        assert f"all of its cap of 3 epochs (`pre_epochs`)" in section and best in section
+        assert "all of its cap of 3 epochs (`pre_epochs`)" in section and best in section
     assert "](pretrain_curves.png)" in section
     check_png(os.path.join(pretrained_store["folder"], "pretrain_curves.png"))
 
@@ -207,7 +206,7 @@ def test_controlled_timing_through_mlflow(pretrained_store):
     found = text.split("## Findings", 1)[1]
     assert "Testing times below are `timed_test_time`" in found
     measured = timed[("rand", 1)][0] / timed[("mag", 10)][0]
-    assert f"[ResNet20 · Mag · 10x]: FLOPs predict" in found and f"is a {measured:.2f}x speedup" in found
+    assert "[ResNet20 · Mag · 10x]: FLOPs predict" in found and f"is a {measured:.2f}x speedup" in found
     expected = {"accuracy_vs_compression.png", "test_time_vs_compression.png", "flops_vs_compression.png",
                 "layer_density.png", "weight_histograms_snip.png", "weight_histograms_mag.png", "loss_curves.png",
                 "pretrain_curves.png"}

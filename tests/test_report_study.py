@@ -3,9 +3,9 @@ at 1x, the pre-training section, testing time from the controlled timing pass, t
 curves' convergence in words, and the protocol stated from the runs."""
 from __future__ import annotations
 
-from prunetrack.report import Pretrain, ReportOptions, assemble, render
-from prunetrack.report import findings, tables
 from test_report_split import make_run, rows
+
+from prunetrack.report import Pretrain, ReportOptions, assemble, findings, render, tables
 
 PRE_ID = "feedface" + "0" * 24
 

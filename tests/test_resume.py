@@ -188,3 +188,34 @@ def test_dense_cell_is_one_configuration(mlflow_store):
     assert _job(pruner="rand", compression=1).config_hash() != _job(pruner="rand", compression=2).config_hash()
     run = mlflow.MlflowClient().get_run(run_job(_job(pruner="synflow", compression=1)))
     assert run.data.tags["dense"] == "true" and run.data.metrics["density"] == 1.0
+
+
+def test_checkpoints_written_before_the_mask_rename_resume(tmp_path):
+    """Checkpoints of earlier versions name the mask buffer `weight_mask`; loading one
+    renames those keys (in the model and in the best epoch's copy), so the job resumes."""
+    from prunetrack import masking, models
+
+    model = masking.add_masks(models.get_model("resnet20"))
+    masks = {n: torch.rand(m.shape) < 0.5 for n, m in masking.get_masks(model).items()}
+    masking.set_masks(model, masks)
+    current = model.state_dict()
+
+    def old_style(weights):
+        renamed = type(weights)((k.rsplit(".", 1)[0] + ".weight_mask" if masking.is_mask_key(k) else k, v)
+                                for k, v in weights.items())
+        if hasattr(weights, "_metadata"):
+            renamed._metadata = weights._metadata
+        return renamed
+
+    old = old_style(current)
+    assert sum(k.endswith(".weight_mask") for k in old) == len(masks)
+    with checkpoint.Checkpoint(str(tmp_path), "key") as ckpt:
+        ckpt.save({"run_id": "r", "phase": "train", "epoch": 1, "epochs": 2, "model": old,
+                   "best": {"epoch": 1, "test_loss": 1.0, "model": old_style(dict(current))}})
+        state = ckpt.load()
+    for weights in (state["model"], state["best"]["model"]):
+        assert list(weights) == list(current)  # renamed in place, order kept
+        assert all(torch.equal(weights[k], v) for k, v in current.items())
+    fresh = masking.add_masks(models.get_model("resnet20"))
+    fresh.load_state_dict(state["model"])  # strict: every key fits
+    assert all(torch.equal(masking.get_masks(fresh)[n], m) for n, m in masks.items())

@@ -15,9 +15,9 @@ import mlflow
 import pytest
 import yaml
 from click.testing import CliRunner
-
-from prunetrack import cli, pruning, sweep
 from conftest import REPO
+
+from prunetrack import cli, pruning, sweep, tracking
 
 # A cell: a real job, as small as it gets.
 TINY = dict(dataset="synthetic", model="resnet20", post_epochs=1, train_subset=200, test_subset=100,
@@ -235,7 +235,7 @@ def test_parallel_cells_are_pinned_to_distinct_gpus(tmp_path, monkeypatch):
     spec = sweep.load_spec(write_spec(tmp_path, {"seed": [0, 1, 2, 3]}))
     lock, running, seen = threading.Lock(), {}, []
 
-    def fake_cell(command, env, on_line=None, started=None, tie_to_parent=False):
+    def fake_cell(command, env, on_line=None, started=None):
         with lock:
             assert env["CUDA_VISIBLE_DEVICES"] not in running.values(), "two running cells share a GPU"
             running[command[command.index("--seed") + 1]] = env["CUDA_VISIBLE_DEVICES"]
@@ -243,7 +243,7 @@ def test_parallel_cells_are_pinned_to_distinct_gpus(tmp_path, monkeypatch):
         time.sleep(0.2)
         with lock:
             del running[command[command.index("--seed") + 1]]
-        return 0, "", None
+        return 0, ""
 
     monkeypatch.setattr(sweep, "run_cell_process", fake_cell)
     envs = {c.key: {} for c in spec.cells}
@@ -269,8 +269,13 @@ def test_runs_left_running_by_dead_processes_are_closed(tmp_path, mlflow_store, 
     orphan = client.create_run(exp, tags={"mlflow.parentRunId": stale.info.run_id})
     killed = client.create_run(exp)  # the run of a cell whose process gets SIGKILLed
 
-    def oom_cell(command, env, on_line=None, started=None, tie_to_parent=False):
-        return -9, f"run {killed.info.run_id}: resnet20-rand-10x-s0\nKilled\n", killed.info.run_id
+    def oom_cell(command, env, on_line=None, started=None):
+        # The cell's job tagged its run as every cell does (the sweep finds it by these tags);
+        # then the OOM killer struck.
+        tags = {**json.loads(env[tracking.RUN_TAGS_ENV]), "config_hash": spec.cells[0].config_hash}
+        for key, value in tags.items():
+            client.set_tag(killed.info.run_id, key, value)
+        return -9, "Killed\n"
 
     monkeypatch.setattr(sweep, "run_cell_process", oom_cell)
     with pytest.raises(sweep.SweepFailed):
@@ -292,17 +297,17 @@ def test_sweep_killed_mid_cell_resumes_that_cell_in_the_same_run(tmp_path, mlflo
                                                                        "precision": "fp32"})
     cell = sweep.load_spec(path).cells[0]
     progress = os.path.join(checkpoint.root(), cell.config_hash, checkpoint.PROGRESS)
-    runs()  # create the store's tables here, not concurrently with the sweep process
-    proc = subprocess.Popen([sys.executable, "-m", "prunetrack", "sweep", path], cwd=tmp_path,
-                            env={**os.environ, "PYTHONPATH": REPO}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc, mark = _start_sweep(tmp_path, path)
     try:
         deadline = time.time() + 300
         while not (os.path.exists(progress) and json.load(open(progress))["epoch"] >= 2):
             assert proc.poll() is None and time.time() < deadline, "the cell did not reach epoch 2"
             time.sleep(0.05)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the sweep and its cell, at once
+        # The sweep and its cell (in a session of its own), at once: the sweep first, so that
+        # it cannot see its cell die and close the cell's run.
+        for pid in sorted(_marked(mark), key=lambda pid: pid != proc.pid):
+            os.kill(pid, signal.SIGKILL)
         proc.wait()
     done = json.load(open(progress))["epoch"]
     assert 2 <= done < 5
@@ -316,3 +321,94 @@ def test_sweep_killed_mid_cell_resumes_that_cell_in_the_same_run(tmp_path, mlflo
     client = mlflow.MlflowClient()
     assert client.get_run(killed.info.run_id).info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(killed.info.run_id, "train_loss")] == [1, 2, 3, 4, 5]
+
+
+# ---------------------------------------------------------------------------- stopping a sweep
+
+def _marked(mark: str) -> list[int]:
+    """Pids of the live processes whose environment holds PRUNETRACK_TEST_MARK=`mark`: the
+    sweep started with it and everything it started (cells, `mlflow server`, uvicorn)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if f"PRUNETRACK_TEST_MARK={mark}".encode() in f.read().split(b"\0"):
+                    found.append(int(pid))
+        except OSError:  # gone meanwhile, or not ours
+            continue
+    return found
+
+
+def _start_sweep(tmp_path, path: str, *args: str) -> tuple[subprocess.Popen, str]:
+    mark = f"{os.getpid()}-{time.time_ns()}"
+    runs()  # create the store's tables here, not concurrently with the sweep process
+    with open(tmp_path / "sweep.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "prunetrack", "sweep", path, *args], cwd=tmp_path,
+                                env={**os.environ, "PYTHONPATH": REPO, "PRUNETRACK_TEST_MARK": mark},
+                                stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # a group of its own, as a terminal would give it
+    return proc, mark
+
+
+def _wait(condition, seconds: float, what: str, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.time() + seconds
+    while not condition():
+        assert proc is None or proc.poll() is None, f"the sweep exited early (code {proc.returncode})"
+        assert time.time() < deadline, what
+        time.sleep(0.5)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="lists processes through /proc")
+@pytest.mark.slow
+def test_sigterm_to_a_parallel_sweep_stops_its_cells_then_its_server(tmp_path, mlflow_store):
+    """SIGTERM to the sweep's process group (as `kill -- -PGID` or a scheduler sends it): the
+    cells, in sessions of their own, are stopped by the sweep, and end KILLED while the
+    tracking server it started still answers; then the server goes too."""
+    path = write_spec(tmp_path, {"seed": [0, 1]}, name="term", base={"post_epochs": 50})
+    proc, mark = _start_sweep(tmp_path, path, "--parallel", "2")
+    try:
+        _wait(lambda: len([r for r in children() if r.info.status == "RUNNING"]) == 2, 300,
+              "the two cells did not start in 300 s", proc)
+        assert len(_marked(mark)) >= 4  # the sweep, two cells, the server (and its uvicorn)
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    log = (tmp_path / "sweep.log").read_text()
+    assert proc.returncode != 0, log
+    assert "tracking server http://127.0.0.1:" in log
+    assert all(r.info.status != "RUNNING" for r in runs()), "a stopped sweep left a run RUNNING"
+    assert [r.info.status for r in children()] == ["KILLED", "KILLED"], log
+    assert [r.info.status for r in parents()] == ["KILLED"]
+    _wait(lambda: not _marked(mark), 15, f"processes left behind: {_marked(mark)}")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="lists processes through /proc")
+@pytest.mark.slow
+def test_cell_of_a_sweep_killed_outright_stops_itself(tmp_path, mlflow_store):
+    """kill -9 of the sweep process alone: its cell, in a session of its own, notices that
+    its parent is gone, stops, and ends its run KILLED; its checkpoint stays for the next
+    sweep to resume."""
+    from prunetrack import checkpoint
+
+    path = write_spec(tmp_path, {"seed": [0]}, name="orphan", base={"post_epochs": 50})
+    cell = sweep.load_spec(path).cells[0]
+    proc, mark = _start_sweep(tmp_path, path)
+    try:
+        def training():
+            running = [r for r in children() if r.info.status == "RUNNING"]
+            return running and mlflow.MlflowClient().get_metric_history(running[0].info.run_id, "test_loss")
+
+        _wait(training, 300, "the cell did not finish an epoch in 300 s", proc)
+        [cell_pid] = [pid for pid in _marked(mark) if pid != proc.pid]
+        proc.kill()  # the sweep only
+        proc.wait()
+        _wait(lambda: not _marked(mark), 60, f"the orphaned cell {cell_pid} is still running")
+    finally:
+        for pid in _marked(mark):
+            os.kill(pid, signal.SIGKILL)
+    [run] = children()
+    assert run.info.status == "KILLED"
+    assert f"the sweep process (pid {proc.pid}) died" in run.data.tags["error"]
+    assert os.path.exists(os.path.join(checkpoint.root(), cell.config_hash, "state.pt"))

@@ -15,8 +15,22 @@ from mlflow.tracking import MlflowClient
 
 from prunetrack import tracking
 from prunetrack.report.records import (
-    ABLATIONS, ACCURACY, FLOPS, LOSS_KEYS, PRETRAIN_KEYS, STUDY_COMPRESSIONS, STUDY_MODELS, STUDY_PRUNERS,
-    TEST_TIME, TIMED_TEST_TIME, UNSHARED_AT_1X, Pretrain, ReportError, ReportOptions, Run, Study,
+    ABLATIONS,
+    ACCURACY,
+    FLOPS,
+    LOSS_KEYS,
+    PRETRAIN_KEYS,
+    STUDY_COMPRESSIONS,
+    STUDY_MODELS,
+    STUDY_PRUNERS,
+    TEST_TIME,
+    TIMED_TEST_TIME,
+    UNSHARED_AT_1X,
+    Pretrain,
+    ReportError,
+    ReportOptions,
+    Run,
+    Study,
 )
 from prunetrack.tracking import KIND_TAG, public_uri
 

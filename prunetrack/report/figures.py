@@ -13,7 +13,14 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from prunetrack.report.records import (
-    ACCURACY, FLOPS, TIMED_TEST_TIME, Metric, Pretrain, Study, model_label, pruner_label,
+    ACCURACY,
+    FLOPS,
+    TIMED_TEST_TIME,
+    Metric,
+    Pretrain,
+    Study,
+    model_label,
+    pruner_label,
 )
 
 

@@ -7,8 +7,18 @@ import statistics
 from collections import Counter
 
 from prunetrack.report.records import (
-    ACCURACY, NOT_LOGGED, TIMED_TEST_TIME, Pretrain, Study, cell_name, join_words, model_label, names,
-    plural, pruner_label, pruner_name,
+    ACCURACY,
+    NOT_LOGGED,
+    TIMED_TEST_TIME,
+    Pretrain,
+    Study,
+    cell_name,
+    join_words,
+    model_label,
+    names,
+    plural,
+    pruner_label,
+    pruner_name,
 )
 from prunetrack.report.tables import md_table
 
@@ -264,10 +274,10 @@ def synflow_paper_section(s: Study) -> list[str]:
             ours = " / ".join(f"{v or '(none)'}" for v, _ in seen.most_common()) or NOT_LOGGED
         rows.append([title, theirs, ours])
     md = ["## Comparison with the SynFlow paper", "",
-          f"Tanaka et al. (2020) prune VGG-16 on CIFAR-10 with the same five methods and report top-1 test "
-          f"accuracy against compression as curves (their Figure 6, VGG-16 / CIFAR-10 panel), not as a table; "
-          f"read this report's Table 2 and its accuracy-against-compression figure against that panel. Their "
-          f"protocol differs from the one these runs followed:", ""]
+          "Tanaka et al. (2020) prune VGG-16 on CIFAR-10 with the same five methods and report top-1 test "
+          "accuracy against compression as curves (their Figure 6, VGG-16 / CIFAR-10 panel), not as a table; "
+          "read this report's Table 2 and its accuracy-against-compression figure against that panel. Their "
+          "protocol differs from the one these runs followed:", ""]
     md += md_table(["Setting", "SynFlow paper", f"These runs ({model_label(model)})"], rows)
     ours, close = protocol_words(s, runs)
     if close:

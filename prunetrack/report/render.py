@@ -8,15 +8,25 @@ import re
 import shlex
 from collections import Counter, defaultdict
 
-import mlflow
 from mlflow.tracking import MlflowClient
 
 from prunetrack import config, tracking
 from prunetrack.report import figures, findings, tables
 from prunetrack.report.collect import collect
 from prunetrack.report.records import (
-    NO_RUN, NOT_LOGGED, ReportOptions, Run, Study, cell_name, join_words, model_label, names, norm, plural,
-    pruner_label, pruner_name,
+    NO_RUN,
+    NOT_LOGGED,
+    ReportOptions,
+    Run,
+    Study,
+    cell_name,
+    join_words,
+    model_label,
+    names,
+    norm,
+    plural,
+    pruner_label,
+    pruner_name,
 )
 from prunetrack.tracking import KIND_TAG
 
@@ -112,8 +122,6 @@ def settings_section(s: Study) -> list[str]:
 def command_for(s: Study, model: str, pruner: str, compression: float) -> str:
     """The `mlflow run` command that would produce a cell under the protocol of the runs
     found: every MLproject parameter whose usual value among the runs is not its default."""
-    from prunetrack import pruning
-
     params = {"model": model, "pruner": pruner, "compression": f"{compression:g}", "dataset": s.dataset}
     for f in config.fields():
         if not f.metadata.get("mlproject") or f.name in params or f.name == "device":
@@ -122,7 +130,7 @@ def command_for(s: Study, model: str, pruner: str, compression: float) -> str:
         value = s.common(f.name, group, tag_first=False)  # the param: "auto" stays auto
         if value is None:
             continue
-        if f.name == "iterations" and value in ("0", norm(pruning.DEFAULT_ITERATIONS.get(pruner, 1))):
+        if f.name == "iterations" and value in ("0", norm(config.default_iterations(pruner))):
             continue
         if value != norm(f.default):
             params[f.name] = value
@@ -196,7 +204,7 @@ def log_report_run(experiment: str, name: str, folder: str) -> str:
     tagged so later reports skip it."""
     with tracking.job_run(experiment, f"report-{name}") as run:
         tracking.log_tags({KIND_TAG: "report", "report.experiment": experiment, "report.name": name})
-        mlflow.log_artifacts(folder)
+        tracking.log_folder(folder)
         here = MlflowClient().get_experiment(run.info.experiment_id).name
         if here != experiment:  # `mlflow run` without --experiment-name logs to its own experiment
             print(f"report run {run.info.run_id} is in experiment {here!r}; pass --experiment-name "

@@ -2,8 +2,19 @@
 from __future__ import annotations
 
 from prunetrack.report.records import (
-    ACCURACY, FLOPS, NO_RUN, NOT_LOGGED, SHARED, TIMED_TEST_TIME, Metric, Stat, Study, join_words, model_label,
-    plural, pruner_label,
+    ACCURACY,
+    FLOPS,
+    NO_RUN,
+    NOT_LOGGED,
+    SHARED,
+    TIMED_TEST_TIME,
+    Metric,
+    Stat,
+    Study,
+    join_words,
+    model_label,
+    plural,
+    pruner_label,
 )
 
 

@@ -1,0 +1,218 @@
+"""tracking: how a run opens and closes, what log_config writes, the look-ups a sweep
+relies on; servers: stopping a child with what it started."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import mlflow
+import pytest
+import yaml
+
+from prunetrack import servers, tracking
+
+
+def client() -> mlflow.MlflowClient:
+    return mlflow.MlflowClient()
+
+
+def artifacts(run_id: str) -> set[str]:
+    return {a.path for a in client().list_artifacts(run_id)}
+
+
+# ---------------------------------------------------------------------------- closing a run
+
+def test_job_run_ends_finished_on_success(mlflow_store):
+    with tracking.job_run("t", "ok") as run:
+        tracking.log_metrics({"x": 1})
+    assert client().get_run(run.info.run_id).info.status == "FINISHED"
+    assert mlflow.active_run() is None
+
+
+def test_job_run_ends_failed_with_the_error_on_an_exception(mlflow_store):
+    with pytest.raises(ValueError, match="bad value"):
+        with tracking.job_run("t", "bad") as run:
+            raise ValueError("bad value")
+    closed = client().get_run(run.info.run_id)
+    assert closed.info.status == "FAILED"
+    assert closed.data.tags["error"] == "ValueError: bad value"
+    assert "error.txt" in artifacts(run.info.run_id)
+    text = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/error.txt")
+    assert "Traceback" in text and "bad value" in text
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_job_run_ends_killed_on_ctrl_c_and_sigterm(mlflow_store, how):
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        with tracking.job_run("t", how) as run:
+            if how == "sigterm":
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(10)  # the handler raises long before this ends
+            raise KeyboardInterrupt
+    closed = client().get_run(run.info.run_id)
+    assert closed.info.status == "KILLED"
+    assert closed.data.tags["error"].startswith("_Terminated" if how == "sigterm" else "KeyboardInterrupt")
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is the job's only while its run is open
+
+
+def test_job_run_ends_killed_when_the_sweep_that_started_it_died(mlflow_store, monkeypatch):
+    monkeypatch.setenv(tracking.PARENT_PID_ENV, str(os.getppid()))
+    tracking.stop_if_parent_died()  # our parent is alive: nothing happens
+    monkeypatch.setenv(tracking.PARENT_PID_ENV, str(os.getpid()))  # a pid that is not our parent's
+    with pytest.raises(tracking.ParentDied, match=rf"the sweep process \(pid {os.getpid()}\) died"):
+        tracking.stop_if_parent_died()
+    # A print to the dead sweep's pipe fails before the check between epochs: the same event.
+    with pytest.raises(BrokenPipeError):
+        with tracking.job_run("t", "orphan") as run:
+            raise BrokenPipeError(32, "Broken pipe")
+    closed = client().get_run(run.info.run_id)
+    assert closed.info.status == "KILLED"
+    assert closed.data.tags["error"].startswith(f"ParentDied: the sweep process (pid {os.getpid()}) died")
+    assert "BrokenPipeError" in mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/error.txt")
+
+
+def test_tags_from_the_environment_are_set_as_the_run_starts(mlflow_store, monkeypatch):
+    monkeypatch.setenv(tracking.RUN_TAGS_ENV, json.dumps({"sweep": "s", "cell": "seed=0", "mlflow.parentRunId": "p"}))
+    with pytest.raises(RuntimeError):
+        with tracking.job_run("t", "r", tags={"config_hash": "abc"}) as run:
+            raise RuntimeError("fails at once")
+    tags = client().get_run(run.info.run_id).data.tags
+    assert {k: tags[k] for k in ("sweep", "cell", "mlflow.parentRunId", "config_hash")} == \
+        {"sweep": "s", "cell": "seed=0", "mlflow.parentRunId": "p", "config_hash": "abc"}
+    monkeypatch.setenv(tracking.RUN_TAGS_ENV, "[1]")
+    with pytest.raises(ValueError, match="must be a JSON object of tags"):
+        with tracking.job_run("t", "r"):
+            pass
+
+
+# ---------------------------------------------------------------------------- what is logged
+
+def test_log_config_keeps_logged_params_and_adds_resolved_ones(mlflow_store):
+    with pytest.raises(KeyboardInterrupt):
+        with tracking.job_run("t", "r") as run:
+            mlflow.log_params({"iterations": 0, "compression": "10"})  # as `mlflow run` logs its parameters
+            raise KeyboardInterrupt
+    flat = {"iterations": 100, "compression": 10.0, "pruner": "mag"}
+    with tracking.job_run("t", "r", resume_run_id=run.info.run_id) as resumed:
+        tracking.log_config(flat)
+    assert resumed.info.run_id == run.info.run_id
+    # MLflow refuses to change a param: a different value goes beside it; "10" and 10.0 are the same.
+    assert client().get_run(run.info.run_id).data.params == {
+        "iterations": "0", "iterations_resolved": "100", "compression": "10", "pruner": "mag"}
+    assert yaml.safe_load(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/config.yaml")) == flat
+
+
+def test_log_to_finished_run_leaves_it_finished(mlflow_store):
+    with tracking.job_run("t", "r") as run:
+        pass
+    ended = client().get_run(run.info.run_id).info.end_time
+    tracking.log_to_finished_run(run.info.run_id, {"timed_test_time": 0.5}, {"timing.rounds": 3})
+    after = client().get_run(run.info.run_id)
+    assert (after.info.status, after.info.end_time) == ("FINISHED", ended)
+    assert after.data.metrics["timed_test_time"] == 0.5 and after.data.tags["timing.rounds"] == "3"
+
+
+# ---------------------------------------------------------------------------- experiments and the store
+
+def test_experiment_id_creates_once_and_refuses_a_deleted_one(mlflow_store):
+    first = tracking.experiment_id("e")
+    assert tracking.experiment_id("e") == first
+    assert [e.experiment_id for e in client().search_experiments() if e.name == "e"] == [first]
+    client().delete_experiment(first)
+    with pytest.raises(tracking.TrackingError, match=rf"experiment 'e' is deleted; restore it \(mlflow experiments "
+                                                     rf"restore --experiment-id {first}\) or choose another name"):
+        tracking.experiment_id("e")
+
+
+def test_check_tracking_on_a_closed_port_fails_within_seconds(monkeypatch):
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    port = servers._free_port()  # free: nothing listens there
+    start = time.time()
+    with pytest.raises(tracking.TrackingError, match=rf"http://127.0.0.1:{port} does not answer"):
+        tracking.check_tracking(f"http://127.0.0.1:{port}", timeout=2)
+    assert time.time() - start < 10
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ  # the fast settings were for the check only
+
+
+# ---------------------------------------------------------------------------- look-ups for sweeps
+
+def test_finished_configs_maps_config_and_pretrain_hashes(mlflow_store):
+    assert tracking.finished_configs("none") == {}
+    exp = client().create_experiment("s")
+
+    def run(status: str, **tags) -> str:
+        run_id = client().create_run(exp, tags=tags).info.run_id
+        if status != "RUNNING":
+            client().set_terminated(run_id, status)
+        return run_id
+
+    prune = run("FINISHED", config_hash="c1")
+    pre = run("FINISHED", pretrain_hash="p1")
+    run("FAILED", config_hash="c2")
+    run("RUNNING", config_hash="c3")
+    run("FINISHED")  # no hash: not a job's run (a sweep's parent)
+    assert tracking.finished_configs("s") == {"c1": prune, "p1": pre}
+
+
+def test_find_cell_run_by_tags(mlflow_store):
+    assert tracking.find_cell_run("none", "sw", "p", "config_hash", "h") is None
+    exp = client().create_experiment("s")
+    t0 = int(time.time() * 1000)
+
+    def run(start: int, parent: str, status: str, sweep: str = "sw", **tags) -> str:
+        run_id = client().create_run(exp, start_time=t0 + start,
+                                     tags={"sweep": sweep, "mlflow.parentRunId": parent, **tags}).info.run_id
+        if status != "RUNNING":
+            client().set_terminated(run_id, status)
+        return run_id
+
+    # Created by sweep p1, killed, then resumed by sweep p2, which re-tagged it as it reopened it.
+    resumed = run(0, "p1", "FINISHED", config_hash="h")
+    client().set_tag(resumed, "mlflow.parentRunId", "p2")
+    run(1, "p1", "FAILED", config_hash="h")             # a later attempt under p1: not p2's
+    run(2, "p2", "FINISHED", sweep="other", config_hash="h")  # another sweep's
+    assert tracking.find_cell_run("s", "sw", "p2", "config_hash", "h") == resumed
+    pre = run(3, "p2", "FINISHED", pretrain_hash="h")
+    assert tracking.find_cell_run("s", "sw", "p2", "pretrain_hash", "h") == pre
+    # No run with this parent: a run killed while being reopened (still RUNNING, old parent), if any.
+    assert tracking.find_cell_run("s", "sw", "p3", "config_hash", "h") is None
+    stuck = run(4, "p1", "RUNNING", config_hash="h")
+    assert tracking.find_cell_run("s", "sw", "p3", "config_hash", "h") == stuck
+
+
+def test_end_if_running_closes_only_a_running_run(mlflow_store):
+    exp = client().create_experiment("s")
+    run_id = client().create_run(exp).info.run_id
+    assert tracking.end_if_running(run_id, "FAILED", "killed by the OOM killer")
+    closed = client().get_run(run_id)
+    assert (closed.info.status, closed.data.tags["error"]) == ("FAILED", "killed by the OOM killer")
+    assert not tracking.end_if_running(run_id, "KILLED", "again")
+    assert client().get_run(run_id).info.status == "FAILED"
+
+
+# ---------------------------------------------------------------------------- processes
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads process states from /proc")
+def test_stop_ends_a_child_and_what_it_started():
+    proc = subprocess.Popen(["sh", "-c", "sleep 60 & echo $!; wait"], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    grandchild = int(proc.stdout.readline())
+    servers.stop(proc, grace=10)
+    proc.stdout.close()
+    assert proc.returncode == -signal.SIGTERM
+    deadline = time.time() + 10
+    while _running(grandchild):
+        assert time.time() < deadline, "the child's own child survived"
+        time.sleep(0.1)
