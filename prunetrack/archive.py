@@ -12,7 +12,8 @@ a megabyte, small enough to commit beside its report.
     prunetrack report --experiment study --name cifar10
 
 Importing is idempotent: each imported run carries the tag `prunetrack.imported_from`
-(the original run id), and runs already imported into the experiment are skipped.
+(the original run id), and runs already in the experiment (imported before, or made
+there) are skipped.
 Parent/child links (a sweep and its cells) are kept, pointing at the new run ids.
 """
 from __future__ import annotations
@@ -205,14 +206,19 @@ def import_runs(path: str, experiment: str | None = None,
         raise ArchiveError(f"experiment {name!r} is deleted: restore it (`mlflow experiments restore "
                            f"--experiment-id {exp.experiment_id}`) or import with --experiment OTHER_NAME")
     exp_id = exp.experiment_id if exp is not None else tracking.experiment_id(name)
-    done = {r.data.tags[IMPORTED_FROM]: r.info.run_id
-            for r in mlflow.search_runs(experiment_ids=[exp_id], output_format="list",
-                                        filter_string=f"tags.`{IMPORTED_FROM}` != ''")}
+    here = mlflow.search_runs(experiment_ids=[exp_id], output_format="list")
+    # A run is already here when it was imported before, or when this store is the one it
+    # was made in (a study exports its own store and imports the committed file back).
+    done = {r.data.tags[IMPORTED_FROM]: r.info.run_id for r in here if r.data.tags.get(IMPORTED_FROM)}
+    done.update({r.info.run_id: r.info.run_id for r in here})
     new_ids = dict(done)
     imported = skipped = 0
     for record in records:
         old = record["run_id"]
-        if old in done:
+        # The original run: an export of imported runs keeps pointing at it.
+        origin = record["tags"].get(IMPORTED_FROM, old)
+        if old in done or origin in done:
+            new_ids[old] = done.get(old) or done[origin]
             skipped += 1
             continue
         tags = dict(record["tags"])
@@ -221,7 +227,7 @@ def import_runs(path: str, experiment: str | None = None,
                 tags[PARENT] = new_ids[tags[PARENT]]
             else:  # its parent was not exported (still RUNNING): no link to a run that is not here
                 del tags[PARENT]
-        tags[IMPORTED_FROM] = old
+        tags[IMPORTED_FROM] = origin
         new = tracking.import_run(exp_id, record, tags)
         new_ids[old] = new
         imported += 1

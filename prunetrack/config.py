@@ -28,23 +28,33 @@ MODELS = ("vgg11", "vgg13", "vgg16", "vgg19", "vgg11_bn", "vgg13_bn", "vgg16_bn"
 PRUNERS = ("rand", "mag", "snip", "grasp", "synflow")
 SCOPES = ("global", "local")
 SCHEDULES = ("exponential", "linear")
+PRUNE_MODES = ("eval", "train")
 OPTIMIZERS = ("adam", "sgd", "momentum", "rms")
 PRECISIONS = ("auto", "fp32", "bf16")
 
 REGISTRIES = {"datasets": DATASETS, "models": MODELS, "pruners": PRUNERS, "scopes": SCOPES,
-              "schedules": SCHEDULES, "optimizers": OPTIMIZERS, "precisions": PRECISIONS}
+              "schedules": SCHEDULES, "prune_modes": PRUNE_MODES, "optimizers": OPTIMIZERS,
+              "precisions": PRECISIONS}
 
 # Rounds of score-then-mask when `iterations` is 0: SynFlow iterates (100 rounds, as in
 # its paper), every other pruner scores once.
 DEFAULT_ITERATIONS = {"synflow": 100}
 
 
-def _f(default, help: str, choices: str | None = None, minimum: float | None = None, mlproject: bool = True):
+_NO_VALUE = object()
+
+
+def _f(default, help: str, choices: str | None = None, minimum: float | None = None, mlproject: bool = True,
+       hash_omits=_NO_VALUE):
     """A field with its help text, the registry that lists its valid values (by name,
     resolved lazily to avoid import cycles), its smallest allowed value, and whether
-    MLproject exposes it as a parameter."""
+    MLproject exposes it as a parameter.
+
+    `hash_omits`: for a field added after runs existed, the value that does what the code
+    did before the field existed; config_hash leaves the field out at that value, so the
+    runs (and checkpoints) of a study in progress keep their configuration hashes."""
     return field(default=default, metadata={"help": help, "choices": choices, "min": minimum,
-                                            "mlproject": mlproject})
+                                            "mlproject": mlproject, "hash_omits": hash_omits})
 
 
 @dataclass
@@ -75,6 +85,9 @@ class PruneConfig:
                             f"{DEFAULT_ITERATIONS['synflow']} for synflow, 1 otherwise).",
                          minimum=0)
     schedule: str = _f("exponential", "How density falls over the rounds.", choices="schedules")
+    prune_mode: str = _f("eval", "Mode the network is scored in: eval (BatchNorm running statistics, as the "
+                                 "Synaptic-Flow code scores) or train (batch statistics, as the original SNIP "
+                                 "and GraSP code scores).", choices="prune_modes", hash_omits="eval")
     prune_per_class: int = _f(10, "Pruning data: examples per class.", minimum=1)
     prune_batch_size: int = _f(256, "Batch size while scoring.", minimum=1)
     shuffle: bool = _f(False, "Ablation: shuffle each layer's mask after pruning.")
@@ -232,17 +245,27 @@ def run_name(cfg: JobConfig) -> str:
     return cfg.run.run_name or default_run_name(cfg)
 
 
+def value_before(name: str) -> str | None:
+    """What a run logged before field `name` existed did, as a string (its `hash_omits`
+    value), or None: how readers of older runs fill a setting those runs did not log."""
+    for f in fields():
+        if f.name == name and f.metadata.get("hash_omits", _NO_VALUE) is not _NO_VALUE:
+            return str(f.metadata["hash_omits"])
+    return None
+
+
 def _digest(flat: dict[str, Any], skip: tuple[str, ...]) -> str:
     types = {f.name: f for f in fields()}
     values = {k: coerce(types[k], v) for k, v in flat.items() if k not in skip}
+    values = {k: v for k, v in values.items() if v != types[k].metadata.get("hash_omits", _NO_VALUE)}
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # Fields that name a run or say where it keeps its files, rather than change what it computes.
 NAMING_FIELDS = ("experiment", "run_name", "resume", "checkpoint_dir")
 # Fields that only matter when something is pruned.
-PRUNING_FIELDS = ("pruner", "scope", "iterations", "schedule", "prune_per_class", "prune_batch_size",
-                  "shuffle", "invert")
+PRUNING_FIELDS = ("pruner", "scope", "iterations", "schedule", "prune_mode", "prune_per_class",
+                  "prune_batch_size", "shuffle", "invert")
 # Fields a pre-training depends on.
 PRETRAIN_FIELDS = ("dataset", "data_dir", "train_subset", "test_subset", "model", "optimizer", "lr",
                    "weight_decay", "lr_drops", "lr_drop_rate", "batch_size", "test_batch_size", "pre_epochs",

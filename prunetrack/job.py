@@ -254,6 +254,7 @@ def prune(s: Setup, cfg: JobConfig, device: torch.device) -> dict:
         timed = measure.time_repeats(
             lambda: pruning.prune(s.model, p.pruner, p.compression, batches, scope=p.scope, iterations=p.iterations,
                                   schedule=p.schedule, invert=p.invert, shuffle=p.shuffle, seed=cfg.run.seed,
+                                  mode=p.prune_mode,
                                   progress=training.Progress(f"pruning with {p.pruner}", p.iterations, unit="round")),
             repeats=1, warmup=0, device=device)
         result, pruning_time = timed.result, timed.median

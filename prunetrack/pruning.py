@@ -152,6 +152,7 @@ PRUNERS = {
 config.check_registry("pruners", PRUNERS)
 SCOPES = config.SCOPES
 SCHEDULES = config.SCHEDULES
+PRUNE_MODES = config.PRUNE_MODES  # eval: BatchNorm running statistics; train: each batch's
 
 
 # ---------------------------------------------------------------------------- masks from scores
@@ -272,13 +273,14 @@ class PruneResult:
 
 def prune(model: nn.Module, pruner: str, compression: float, batches: Batches | None = None,
           scope: str = "global", iterations: int = 0, schedule: str = "exponential",
-          invert: bool = False, shuffle: bool = False, seed: int = 0,
+          invert: bool = False, shuffle: bool = False, seed: int = 0, mode: str = "eval",
           progress: Callable[[int], None] | None = None) -> PruneResult:
     """Score and mask `model` in place so that round(total / compression) prunable
     weights survive. Returns the masks, also installed as each layer's `prune_mask`.
 
-    Scoring runs in eval mode for every pruner (BatchNorm uses its running statistics,
-    as in the Synaptic-Flow reference code), with gradients cleared before and after
+    Scoring runs in eval mode by default for every pruner (BatchNorm uses its running
+    statistics, as in the Synaptic-Flow reference code; `mode="train"` uses each batch's
+    statistics, as the original SNIP and GraSP code did), with gradients cleared before and after
     each round; afterwards the weights, buffers (BatchNorm statistics) and training
     mode are restored, and the pruned weights zeroed. Each round keeps
     round(total * density) weights, the density falling on `schedule` to 1/compression.
@@ -300,7 +302,11 @@ def prune(model: nn.Module, pruner: str, compression: float, batches: Batches | 
     was_training = model.training
     # Everything, masks included, so that a failure part-way leaves the model as it was.
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    model.eval()
+    if mode not in PRUNE_MODES:
+        raise ValueError(f"unknown prune mode {mode!r}; choose one of: {', '.join(PRUNE_MODES)}")
+    # BatchNorm's running statistics (eval) or each pruning batch's own (train); the saved
+    # state puts the running statistics back either way.
+    model.train(mode == "train")
     try:
         for r in range(1, rounds + 1):
             k = target if r == rounds else round(total * density_at(r, rounds, compression, schedule))

@@ -118,3 +118,31 @@ def test_failed_export_leaves_the_earlier_file_as_it_was(mlflow_store, tmp_path,
         archive.export_runs("two", str(path))
     assert path.read_bytes() == good
     assert not [name for name in os.listdir(tmp_path) if name.endswith(".part")]  # nothing left behind
+
+
+def test_importing_an_export_back_into_its_own_store_adds_nothing(mlflow_store, tmp_path):
+    """A study exports its store and, next time, imports the committed file first: the runs
+    already there (made there, or imported before) must not be duplicated, and an export of
+    imported runs keeps pointing at the original runs."""
+    client = MlflowClient()
+    exp = client.create_experiment("study")
+    run = client.create_run(exp, run_name="cell")
+    client.log_metric(run.info.run_id, "test_accuracy", 90.0)
+    client.set_terminated(run.info.run_id, "FINISHED")
+    path = str(tmp_path / "runs.jsonl")
+    archive.export_runs("study", path)
+    assert (archive.import_runs(path).imported, archive.import_runs(path).skipped) == (0, 1)
+    assert len(client.search_runs([exp])) == 1
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/second.db")
+    try:
+        assert archive.import_runs(path).imported == 1
+        again = str(tmp_path / "again.jsonl")
+        archive.export_runs("study", again)
+        mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/third.db")
+        assert archive.import_runs(path).imported == 1
+        assert (archive.import_runs(again).imported, archive.import_runs(again).skipped) == (0, 1)
+        [copy] = mlflow.search_runs(experiment_names=["study"], output_format="list")
+        assert copy.data.tags[archive.IMPORTED_FROM] == run.info.run_id
+    finally:
+        mlflow.set_tracking_uri(mlflow_store)

@@ -77,7 +77,8 @@ def test_registries_hold_the_names_config_lists():
     from prunetrack import data, models, pruning, training
 
     registries = {"datasets": data.DATASETS, "models": models.MODELS, "pruners": pruning.PRUNERS,
-                  "scopes": pruning.SCOPES, "schedules": pruning.SCHEDULES, "optimizers": training.OPTIMIZERS,
+                  "scopes": pruning.SCOPES, "schedules": pruning.SCHEDULES, "prune_modes": pruning.PRUNE_MODES,
+                  "optimizers": training.OPTIMIZERS,
                   "precisions": training.PRECISIONS}
     assert set(registries) == set(config.REGISTRIES)
     for name, registry in registries.items():
@@ -138,3 +139,17 @@ def test_prune_validates_the_configuration_once(mlflow_store, monkeypatch):
     result = CliRunner().invoke(cli, ["prune", "--dataset", "synthetic", "--device", "cpu"])
     assert isinstance(result.exception, Stop), result.output
     assert len(calls) == 1
+
+
+def test_a_field_added_later_keeps_earlier_hashes_at_its_old_behaviour():
+    """prune_mode came after runs existed: at "eval" (what the code did before) it is left
+    out of config_hash, so a study in progress keeps its finished cells and checkpoints."""
+    cfg = config.JobConfig.from_flat({"pruner": "snip", "compression": 10})
+    flat = cfg.flat()
+    del flat["prune_mode"]
+    flat["iterations"] = config.resolved_iterations(cfg)
+    before = config._digest(flat, skip=config.NAMING_FIELDS)
+    assert cfg.config_hash() == before
+    train = config.JobConfig.from_flat({"pruner": "snip", "compression": 10, "prune_mode": "train"})
+    assert train.config_hash() != before
+    assert config.value_before("prune_mode") == "eval" and config.value_before("lr") is None

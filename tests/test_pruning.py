@@ -574,3 +574,29 @@ def test_layer_collapse_is_a_warning_of_the_run(mlflow_store, capsys):
     assert collapsed and set(collapsed) <= set(masking.prunable_layers(models.get_model("resnet20")))
     assert run.data.tags["warning"].startswith("layer collapse")
     assert "WARNING: layer collapse" in capsys.readouterr().err
+
+
+def test_train_mode_scoring_uses_batch_statistics_and_restores_the_running_ones():
+    """--prune-mode train scores with each batch's BatchNorm statistics (as the original SNIP
+    code did): other masks than eval mode on a BatchNorm network, same survivor count, and
+    the running statistics and training flag are left as they were."""
+    torch.manual_seed(0)
+    model = masking.add_masks(models.get_model("resnet20"))
+    with torch.no_grad():  # running statistics far from a batch's own, as after training
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+    stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    batches = [(torch.randn(20, 3, 32, 32), torch.randint(0, 10, (20,)))]
+    model.eval()
+    masks = {mode: pruning.prune(copy.deepcopy(model), "snip", 10, batches, mode=mode).masks
+             for mode in ("eval", "train")}
+    kept = {mode: sum(int(m.sum()) for m in ms.values()) for mode, ms in masks.items()}
+    assert kept["eval"] == kept["train"]
+    assert any(not torch.equal(masks["eval"][k], masks["train"][k]) for k in masks["eval"])
+    pruning.prune(model, "snip", 10, batches, mode="train")
+    assert not model.training
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in stats.items())
+    with pytest.raises(ValueError, match="unknown prune mode 'test'"):
+        pruning.prune(model, "snip", 10, batches, mode="test")

@@ -11,6 +11,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
+from prunetrack import config
+
 STUDY_MODELS = ("vgg16_bn", "vgg16", "resnet50")
 STUDY_COMPRESSIONS = (1.0, 2.0, 5.0, 10.0, 15.0, 20.0)
 STUDY_PRUNERS = ("rand", "mag", "snip", "grasp", "synflow")
@@ -86,7 +88,7 @@ class Run:
         for source in sources:
             if source is not None:
                 return norm(source)
-        return None
+        return config.value_before(key)
 
     @property
     def label(self) -> str:

@@ -38,6 +38,7 @@ SETTINGS = [
     ("pre_epochs", "Pre-training epochs (cap)"), ("pre_patience", "Pre-training patience (epochs)"),
     ("post_epochs", "Training epochs"), ("prune_per_class", "Pruning data (examples per class)"),
     ("prune_batch_size", "Batch size (pruning)"), ("scope", "Mask scope"), ("schedule", "Pruning schedule"),
+    ("prune_mode", "Scoring mode"),
     ("iterations", "Pruning iterations"), ("device", "Device"), ("precision", "Precision"),
     ("torch_version", "PyTorch"), ("mlflow_version", "MLflow"), ("prunetrack_version", "prunetrack"),
     ("git_commit", "Git commit"),

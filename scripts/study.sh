@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Run the VGG16 study in resumable pieces, with its tracking store, checkpoints and data
+# outside the checkout ($PRUNETRACK_STUDY_DIR, default ~/prunetrack-study), so that they
+# outlive it. The cells run the committed code (a clone in $STUDY/code, updated by `start`),
+# so editing the checkout while the study runs cannot change a cell half-way.
+#
+#   bash scripts/study.sh start    # import the committed export, then start (or resume) the sweep in the background
+#   bash scripts/study.sh status   # every cell's state and the time left (sweep --dry-run), and the log's tail
+#   bash scripts/study.sh stop     # stop the sweep; the cell in training keeps its checkpoint
+#   bash scripts/study.sh finish   # stop, time the finished cells, export them, regenerate the report
+#
+# SPEC (default sweeps/study_vgg16.yaml) picks another spec of the same experiment, e.g.
+#   SPEC=sweeps/study_vgg16_seeds.yaml bash scripts/study.sh start
+set -euo pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+STUDY=${PRUNETRACK_STUDY_DIR:-$HOME/prunetrack-study}
+SPEC=${SPEC:-sweeps/study_vgg16.yaml}
+EXPERIMENT=study
+EXPORT=$REPO/reports/cifar10/runs.jsonl.gz
+PY=$REPO/.venv/bin/python
+
+mkdir -p "$STUDY"
+cd "$STUDY"
+export MLFLOW_TRACKING_URI=sqlite:///$STUDY/mlflow.db PRUNETRACK_CHECKPOINT_DIR=$STUDY/checkpoints
+
+prunetrack() { PYTHONPATH=$STUDY/code "$PY" -m prunetrack "$@"; }
+
+running() { [ -f sweep.pid ] && kill -0 "$(cat sweep.pid)" 2>/dev/null; }
+
+stop() {
+  if running; then
+    kill -TERM "$(cat sweep.pid)"  # the sweep stops its cell (run KILLED, checkpoint kept)
+    while running; do sleep 1; done
+    echo "sweep stopped"
+  fi
+}
+
+case "${1:-}" in
+  start)
+    if running; then echo "the sweep is running already (pid $(cat sweep.pid)); see $STUDY/sweep.log"; exit 0; fi
+    if [ -d code/.git ]; then git -C code pull -q --ff-only "$REPO" HEAD; else git clone -q "$REPO" code; fi
+    if [ ! -f data/cifar-10-batches-py/test_batch ]; then
+      if [ -f "$REPO/data/cifar-10-batches-py/test_batch" ]; then cp -r "$REPO/data" data
+      else "$PY" "$REPO/../shared/data/cifar10_jpeg.py" materialize data; fi
+    fi
+    if [ -f "$EXPORT" ]; then prunetrack import "$EXPORT"; fi
+    PYTHONPATH=$STUDY/code nohup setsid "$PY" -m prunetrack sweep "code/$SPEC" >> sweep.log 2>&1 &
+    echo $! > sweep.pid
+    echo "sweep started (pid $!), code at $(git -C code rev-parse --short HEAD); log: $STUDY/sweep.log"
+    ;;
+  status)
+    prunetrack sweep "code/$SPEC" --dry-run
+    running && echo "running (pid $(cat sweep.pid)):" || echo "not running; last lines of the log:"
+    grep -v '^      ' sweep.log | tail -n 5 || true
+    ;;
+  stop)
+    stop
+    ;;
+  finish)
+    stop
+    prunetrack time --experiment "$EXPERIMENT"
+    mkdir -p "$(dirname "$EXPORT")"
+    prunetrack export --experiment "$EXPERIMENT" -o "$EXPORT"
+    cd "$REPO" && "$PY" -m prunetrack report --experiment "$EXPERIMENT" --name cifar10
+    ;;
+  *)
+    sed -n '2,14p' "$0"
+    exit 2
+    ;;
+esac
