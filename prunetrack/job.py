@@ -280,7 +280,10 @@ def measure_and_log(s: Setup, cfg: JobConfig, device: torch.device, name: str, p
     tracking.log_metrics({
         # test_top5 and test_loss keep their last per-epoch values (same model, same data).
         "test_accuracy": final["top1"],
-        "test_time": timing.median, "test_images_per_sec": len(s.ds.test_y) / timing.median,
+        # The spread of the repeats and the threads beside the median: on a shared machine
+        # identical work varies by half (`prunetrack time` measures under equal conditions).
+        "test_time": timing.median, "test_time_min": min(timing.times), "test_time_max": max(timing.times),
+        "test_time_threads": torch.get_num_threads(), "test_images_per_sec": len(s.ds.test_y) / timing.median,
         "test_time_batch_size": t.test_batch_size,
         "flops_dense": flops.total, "flops_effective": flops_effective,
         "macs_dense": flops.total / 2, "macs_effective": flops_effective / 2,

@@ -43,6 +43,7 @@ def test_job_logs_the_whole_run(mlflow_store):
     prunable = m["params_prunable"]
     assert m["params_remaining"] == round(prunable / 10) and abs(m["density"] - 0.1) < 1e-3
     assert 0 <= m["test_accuracy"] <= 100 and m["pruning_time"] > 0 and m["training_time"] > 0
+    assert m["test_time_min"] <= m["test_time"] <= m["test_time_max"] and m["test_time_threads"] >= 1
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"config.yaml", "masks.pt", "layers.json"} <= artifacts
 

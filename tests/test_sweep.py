@@ -412,3 +412,16 @@ def test_cell_of_a_sweep_killed_outright_stops_itself(tmp_path, mlflow_store):
     assert run.info.status == "KILLED"
     assert f"the sweep process (pid {proc.pid}) died" in run.data.tags["error"]
     assert os.path.exists(os.path.join(checkpoint.root(), cell.config_hash, "state.pt"))
+
+
+@pytest.mark.slow
+def test_magnitude_cells_of_a_sweep_share_one_pretraining(tmp_path, mlflow_store):
+    path = write_spec(tmp_path, {"compression": [2, 5, 10]}, name="mag", base={"pruner": "mag", "pre_epochs": 1})
+    summary = sweep.run_sweep(sweep.load_spec(path))
+    assert [r.status for r in summary.results] == ["finished"] * 4  # the pre-training, then the cells
+    pre = [r for r in runs() if r.data.tags.get("prunetrack.kind") == "pretrain"]
+    assert len(pre) == 1 and pre[0].info.status == "FINISHED"
+    cells = [r for r in runs() if r.data.tags.get("pruner") == "mag"]
+    assert len(cells) == 3 and {r.data.tags["pretrain_run"] for r in cells} == {pre[0].info.run_id}
+    # Scheduled before the cells that start from it.
+    assert pre[0].info.start_time < min(r.info.start_time for r in cells)
