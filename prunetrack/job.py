@@ -217,6 +217,13 @@ def run_job(cfg: JobConfig, device: torch.device | None = None) -> str:
                 warning = pruning.collapse_message(pruned["collapsed"])
                 tracking.log_tags({"layer_collapse": ",".join(pruned["collapsed"]), "warning": warning})
                 print(f"WARNING: {warning}", file=sys.stderr, flush=True)
+            if pruned.get("near_collapse"):
+                warning = (f"near layer collapse: {len(pruned['near_collapse'])} layer(s) keep fewer weights than "
+                           f"they have outputs ({', '.join(pruned['near_collapse'])}), so some of their outputs "
+                           f"are cut off from every input")
+                tracking.log_tags({"near_collapse": ",".join(pruned["near_collapse"]),
+                                   **({} if pruned["collapsed"] else {"warning": warning})})
+                print(f"WARNING: {warning}", file=sys.stderr, flush=True)
             if pruned["score_summary"]:
                 tracking.log_dict(pruned["score_summary"], "score_summary.json")
             tracking.log_masks(masking.get_masks(s.model))
@@ -261,6 +268,7 @@ def prune(s: Setup, cfg: JobConfig, device: torch.device) -> dict:
     if p.reinit:  # ablation: same masks, fresh weights
         pruning.reinitialize(s.model, cfg.run.seed + 1)
     return {"pruning_time": pruning_time, "collapsed": result.collapsed if result else [],
+            "near_collapse": result.near_collapse if result else [],
             "score_summary": result.score_summary if result else {},
             # what training starts from, for the histograms
             "init_weights": measure.surviving_weights(s.model)}

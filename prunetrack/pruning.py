@@ -269,6 +269,8 @@ class PruneResult:
     # (the pruner's own scores, before any inversion).
     score_summary: dict[str, dict[str, float]] = field(default_factory=dict)
     collapsed: list[str] = field(default_factory=list)  # layers with no surviving weight
+    # Layers left with fewer weights than outputs: some outputs are cut off from every input.
+    near_collapse: list[str] = field(default_factory=list)
 
 
 def prune(model: nn.Module, pruner: str, compression: float, batches: Batches | None = None,
@@ -333,7 +335,8 @@ def prune(model: nn.Module, pruner: str, compression: float, batches: Batches | 
     collapsed = [n for n, m in masks.items() if not m.any()]
     if collapsed:
         warnings.warn(collapse_message(collapsed), RuntimeWarning, stacklevel=2)
-    return PruneResult(masks, rounds, summary, collapsed)
+    near = [n for n, m in masks.items() if m.any() and int(m.sum()) < m.shape[0]]
+    return PruneResult(masks, rounds, summary, collapsed, near)
 
 
 def collapse_message(collapsed: list[str]) -> str:

@@ -600,3 +600,24 @@ def test_train_mode_scoring_uses_batch_statistics_and_restores_the_running_ones(
     assert all(torch.equal(model.state_dict()[k], v) for k, v in stats.items())
     with pytest.raises(ValueError, match="unknown prune mode 'test'"):
         pruning.prune(model, "snip", 10, batches, mode="test")
+
+
+def test_near_collapse_is_flagged(mlflow_store, capsys):
+    """A layer left with fewer weights than outputs cuts some outputs off from every input:
+    not empty, so not `layer_collapse`, but tagged and warned about."""
+    import mlflow
+    from conftest import SMOKE
+
+    from prunetrack.config import JobConfig
+    from prunetrack.job import run_job
+
+    torch.manual_seed(0)
+    result = pruning.prune(models.get_model("resnet20"), "rand", 500)
+    assert result.near_collapse and not set(result.near_collapse) & set(result.collapsed)
+    for name in result.near_collapse:
+        mask = result.masks[name]
+        assert 0 < int(mask.sum()) < mask.shape[0]
+    run = mlflow.get_run(run_job(JobConfig.from_flat({**SMOKE, "pruner": "rand", "compression": 500,
+                                                      "train_subset": 128, "test_subset": 64})))
+    assert set(run.data.tags["near_collapse"].split(",")) >= {"conv1"}
+    assert "WARNING: near layer collapse" in capsys.readouterr().err
