@@ -158,16 +158,8 @@ def gemm_peak(device, dtype, repeats: int = 5) -> dict[str, float]:
     maximum is the practical peak that training throughput is compared with. Unlike a 3x3
     convolution, neither can take an algorithmic shortcut (Winograd) that does fewer
     multiplications than the FLOP count says."""
-    def best(fn, flops):
-        fn()  # warm-up
-        times = []
-        for _ in range(repeats):
-            measure.device_sync(device)()
-            start = time.perf_counter()
-            fn()
-            measure.device_sync(device)()
-            times.append(time.perf_counter() - start)
-        return flops / min(times) / 1e9
+    def best(fn, flops):  # one warm-up, then the fastest of `repeats` synchronized runs
+        return flops / min(measure.time_repeats(fn, repeats=repeats, warmup=1, device=device).times) / 1e9
 
     n = 4096
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))

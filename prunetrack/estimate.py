@@ -7,12 +7,11 @@ pruning. Printed by `prunetrack sweep SPEC --dry-run`.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
 
-from prunetrack import masking, models, pruning, training
+from prunetrack import masking, measure, models, pruning, training
 from prunetrack.config import JobConfig, resolved_iterations
 
 # Training / test examples of each dataset (the probe does not load the data).
@@ -24,14 +23,6 @@ class Rates:
     train: float         # images per second, training (forward, backward, step)
     test: float          # images per second, evaluation
     prune_round: dict    # pruner -> seconds per scoring round
-
-
-def _timed(fn, steps: int) -> float:
-    fn()  # warm-up: kernel choice, allocation
-    start = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    return (time.perf_counter() - start) / steps
 
 
 def probe(cfg: JobConfig, pruners: set[str], steps: int = 2) -> Rates:
@@ -52,7 +43,9 @@ def probe(cfg: JobConfig, pruners: set[str], steps: int = 2) -> Rates:
 
     x, y = batch(t.batch_size)
     model.train()
-    train = _timed(lambda: float(training.train_step(model, x, y, opt, t.precision, device)), steps)
+    # One warm-up (kernel choice, allocation), then `steps` timed between device syncs.
+    train = measure.time_repeats(lambda: training.train_step(model, x, y, opt, t.precision, device),
+                                 repeats=steps, warmup=1, device=device).median
     xt, _ = batch(t.test_batch_size)
 
     @torch.no_grad()
@@ -61,15 +54,14 @@ def probe(cfg: JobConfig, pruners: set[str], steps: int = 2) -> Rates:
         with training.autocast(t.precision, device):
             return float(model(xt).sum())
 
-    test = _timed(evaluate, steps)
+    test = measure.time_repeats(evaluate, repeats=steps, warmup=1, device=device).median
     rounds = {}
     pb = [batch(min(cfg.prune.prune_batch_size, cfg.prune.prune_per_class * classes))]
     for name in sorted(pruners):
         if name not in pruning.PRUNERS:
             continue
-        start = time.perf_counter()
-        pruning.prune(model, name, 2.0, pb, iterations=1)
-        rounds[name] = time.perf_counter() - start
+        rounds[name] = measure.time_repeats(lambda name=name: pruning.prune(model, name, 2.0, pb, iterations=1),
+                                            repeats=1, warmup=0, device=device).median
         masking.set_masks(model, {k: torch.ones_like(m) for k, m in masking.get_masks(model).items()})
     return Rates(t.batch_size / train, t.test_batch_size / test, rounds)
 
