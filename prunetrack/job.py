@@ -200,7 +200,8 @@ def run_job(cfg: JobConfig, device: torch.device | None = None) -> str:
             tracking.log_tags({"dataset_sha256": s.ds.sha256, "dataset_source": data.source(s.ds),
                                "train_examples": len(s.ds.train_y), "test_examples": len(s.ds.test_y)})
             if init_from:
-                load_start(s.model, init_from)
+                if state is None:  # resuming, the checkpoint holds the weights: no download
+                    load_start(s.model, init_from)
                 tracking.log_tags({"init_from": init_from,
                                    **({"pretrain_run": init_from} if t.pre_epochs else {})})
 
