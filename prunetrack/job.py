@@ -182,6 +182,9 @@ def run_job(cfg: JobConfig, device: torch.device | None = None) -> str:
             ckpt.clear()
         state = ckpt.load()
         resume_id = tracking.resumable(state["run_id"]) if state else None
+        # Fetched before the run exists, so that a wrong --init-from is refused without one
+        # (resuming, the checkpoint holds the weights: nothing to fetch).
+        start_weights = tracking.load_weights(init_from) if init_from and state is None else None
         with tracking.job_run(cfg.run.experiment, name, tags={"config_hash": cfg.config_hash()},
                               resume_run_id=resume_id) as run:
             run_id = run.info.run_id
@@ -200,8 +203,8 @@ def run_job(cfg: JobConfig, device: torch.device | None = None) -> str:
             tracking.log_tags({"dataset_sha256": s.ds.sha256, "dataset_source": data.source(s.ds),
                                "train_examples": len(s.ds.train_y), "test_examples": len(s.ds.test_y)})
             if init_from:
-                if state is None:  # resuming, the checkpoint holds the weights: no download
-                    load_start(s.model, init_from)
+                if start_weights is not None:
+                    load_start(s.model, start_weights, init_from)
                 tracking.log_tags({"init_from": init_from,
                                    **({"pretrain_run": init_from} if t.pre_epochs else {})})
 
@@ -239,9 +242,9 @@ def run_job(cfg: JobConfig, device: torch.device | None = None) -> str:
         return run_id
 
 
-def load_start(model: torch.nn.Module, source: str) -> None:
-    """Load starting weights (masks, which weights files do not hold, stay as they are)."""
-    weights = tracking.load_weights(source)
+def load_start(model: torch.nn.Module, weights: dict, source: str) -> None:
+    """Load starting weights from `source` (masks, which weights files do not hold, stay
+    as they are)."""
     missing, unexpected = model.load_state_dict(weights, strict=False)
     missing = [k for k in missing if not masking.is_mask_key(k)]
     if missing or unexpected:

@@ -211,12 +211,12 @@ def load_weights(source: str) -> dict[str, torch.Tensor]:
         try:
             path = mlflow.artifacts.download_artifacts(artifact_uri=uri)
         except Exception as e:
-            raise ValueError(f"cannot load weights from {source!r} ({type(e).__name__}: {str(e)[:300]}); "
+            raise TrackingError(f"cannot load weights from {source!r} ({type(e).__name__}: {str(e)[:300]}); "
                              f"init_from takes a run id, runs:/<run_id> of a run that logged weights.pt, or "
                              f"a path to such a file") from None
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
-        raise ValueError(f"{source!r} does not hold a state dict of weights")
+        raise TrackingError(f"{source!r} does not hold a state dict of weights")
     return state
 
 

@@ -219,3 +219,9 @@ def test_checkpoints_written_before_the_mask_rename_resume(tmp_path):
     fresh = masking.add_masks(models.get_model("resnet20"))
     fresh.load_state_dict(state["model"])  # strict: every key fits
     assert all(torch.equal(masking.get_masks(fresh)[n], m) for n, m in masks.items())
+
+
+def test_init_from_a_run_without_weights_is_refused_before_any_run(mlflow_store):
+    with pytest.raises(tracking.TrackingError, match="cannot load weights from 'nosuchrun'"):
+        run_job(_job(init_from="nosuchrun"))
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
