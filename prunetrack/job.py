@@ -8,6 +8,7 @@ epoch, in the same MLflow run.
 """
 from __future__ import annotations
 
+import os
 import platform
 import random
 import sys
@@ -124,7 +125,6 @@ def train_phase(s: Setup, cfg: JobConfig, ckpt: checkpoint.Checkpoint, state: di
                     "model": {k: v.detach().clone() for k, v in s.model.state_dict().items()}}
         ckpt.save(snapshot(epoch))
         tracking.log_metrics(metrics, epoch)
-        tracking.stop_if_parent_died()  # a cell of a sweep killed outright: stop, KILLED, checkpoint kept
         if stopped(epoch):
             print(f"{phase}: test loss has not improved for {patience} epochs since epoch {best['epoch']}; "
                   f"stopping", flush=True)
@@ -185,15 +185,19 @@ def run_job(cfg: JobConfig, device: torch.device | None = None) -> str:
         # Fetched before the run exists, so that a wrong --init-from is refused without one
         # (resuming, the checkpoint holds the weights: nothing to fetch).
         start_weights = tracking.load_weights(init_from) if init_from and state is None else None
+        under_mlflow_run = bool(os.environ.get("MLFLOW_RUN_ID"))  # mlflow.start_run removes it
         with tracking.job_run(cfg.run.experiment, name, tags={"config_hash": cfg.config_hash()},
                               resume_run_id=resume_id) as run:
             run_id = run.info.run_id
-            tracking.log_config(cfg.flat())
+            # The experiment the run is in (`mlflow run --experiment-name` decides it there).
+            tracking.log_config({**cfg.flat(), "experiment": tracking.experiment_of_run(run_id)})
             tracking.log_tags({**common_tags(cfg, device), "pruner": p.pruner, "compression": f"{p.compression:g}"})
             print(f"run {run_id}: {name} on {device_name(device)}, "
                   f"{training.resolve_precision(t.precision, device)}", flush=True)
             if state:
-                where = "the same run" if run_id == state["run_id"] else f"a new run (run {state['run_id']} is gone)"
+                where = ("the same run" if run_id == state["run_id"] else
+                         f"the run `mlflow run` made (run {state['run_id']} keeps its epochs)"
+                         if under_mlflow_run else f"a new run (run {state['run_id']} is gone)")
                 print(f"resuming from the checkpoint in {ckpt.folder}: {state['phase']} epoch "
                       f"{state['epoch']}/{state['epochs']} finished; continuing in {where}", flush=True)
                 tracking.log_tags({"resumed_at_epoch": state["epoch"]})

@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterator
 
 import yaml
 
-from prunetrack import config, servers, tracking
+from prunetrack import config, interrupts, servers, tracking
 from prunetrack.config import JobConfig
 
 SPEC_KEYS = ("name", "description", "experiment", "base", "grid", "overrides")
@@ -291,9 +291,9 @@ def run_cell_process(command: list[str], env: dict[str, str], on_line: Callable[
     told the process (and may refuse it, returning False, when the sweep is stopping). If
     this thread is interrupted (Ray cancelling the task), the process gets SIGTERM, which
     its job turns into a KILLED run, before the interruption goes on. If this process is
-    killed outright, the cell notices between epochs (PRUNETRACK_PARENT_PID) and stops.
+    killed outright, the cell notices within a second (PRUNETRACK_PARENT_PID) and stops.
     """
-    full_env = {**os.environ, **env, tracking.PARENT_PID_ENV: str(os.getpid())}
+    full_env = {**os.environ, **env, interrupts.PARENT_PID_ENV: str(os.getpid())}
     # A sweep under `mlflow run` has these for its own run; a cell must open a new one.
     for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
         full_env.pop(var, None)
@@ -374,7 +374,7 @@ def run_local(cells: list[Cell], envs: dict[str, dict[str, str]], parallel: int,
             yield future.result()
     finally:
         # The cells are in sessions of their own: nothing else stops them (SIGTERM to the
-        # sweep arrives here as an exception, through tracking.sigterm_raises).
+        # sweep arrives here as an exception, through interrupts.stoppable).
         with lock:
             stopping.set()
             running = list(live)
@@ -477,7 +477,7 @@ def run_sweep(spec: Spec, parallel: int = 1, executor: str = "local", ray_addres
     concurrent = executor == "ray" or (parallel > 1 and len(todo) > 1)
     # The server is entered first and left last: it outlives the cells that log to it. A
     # SIGTERM while it starts stops it too.
-    with tracking.sigterm_raises(), servers.tracking_server(needed=concurrent) as uri, \
+    with interrupts.stoppable(), servers.tracking_server(needed=concurrent) as uri, \
             tracking.job_run(experiment, f"sweep-{spec.name}",
                              tags={"sweep": spec.name, "sweep_host": host, "sweep_pid": os.getpid()}) as parent:
         tracking.log_text(spec.text or yaml.safe_dump({"name": spec.name}), "sweep.yaml")

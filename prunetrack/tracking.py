@@ -3,14 +3,15 @@
 A job opens its run with `job_run` (which also picks up the run that `mlflow run`
 created, through MLFLOW_RUN_ID) and logs through the helpers below. The run ends
 FINISHED, or FAILED with the error as a tag and the traceback as `error.txt`
-(KILLED on Ctrl-C, SIGTERM, or when the sweep that started it dies), never left RUNNING.
+(KILLED on Ctrl-C, SIGTERM, or when the sweep or `mlflow run` that started it dies:
+prunetrack.interrupts), never left RUNNING.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
-import signal
+import re
 import subprocess
 import tempfile
 import time
@@ -23,7 +24,7 @@ import torch
 import yaml
 from mlflow.entities import Metric, Param, RunTag
 
-from prunetrack import masking
+from prunetrack import interrupts, masking
 
 
 def git_commit() -> str:
@@ -37,28 +38,6 @@ def git_commit() -> str:
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, handled like Ctrl-C: the run is closed as KILLED and the command aborts."""
-
-
-def _raise_terminated(signum, frame):
-    raise _Terminated(f"terminated by signal {signum}")
-
-
-@contextlib.contextmanager
-def sigterm_raises():
-    """While the block runs, SIGTERM raises _Terminated in the main thread (a no-op in
-    other threads), so that `finally` blocks close runs and stop child processes."""
-    previous = None
-    with contextlib.suppress(ValueError):  # not in the main thread
-        previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
-        yield
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
 
 
 # Tags a parent process (a sweep) asks every run it starts to carry, as a JSON object
@@ -77,32 +56,6 @@ def env_tags() -> dict[str, str]:
     if not isinstance(tags, dict):
         raise ValueError(f"{RUN_TAGS_ENV} must be a JSON object of tags, got {raw!r}")
     return {str(k): str(v) for k, v in tags.items()}
-
-
-# The pid of the process that started this job (a sweep sets it for its cells). A cell
-# runs in a session of its own, so a sweep killed outright (SIGKILL) takes nothing with it:
-# the cell compares this pid with its parent's to stop by itself.
-PARENT_PID_ENV = "PRUNETRACK_PARENT_PID"
-_DIED = "the sweep process (pid {pid}) died; the checkpoint is kept: run the sweep again to resume"
-
-
-class ParentDied(KeyboardInterrupt):
-    """The sweep that started this job is gone: the run ends KILLED, the checkpoint stays
-    for the next sweep to resume."""
-
-
-def parent_died() -> bool:
-    """Whether the process that started this job, its direct parent, has exited. An orphan
-    is re-parented at once, so its parent pid changes: unlike kill(pid, 0), neither a dead
-    parent not yet reaped (a zombie) nor a reused pid can fool this."""
-    pid = os.environ.get(PARENT_PID_ENV)
-    return bool(pid) and os.getppid() != int(pid)
-
-
-def stop_if_parent_died() -> None:
-    """Called between epochs: raise ParentDied once the sweep that started the job is gone."""
-    if parent_died():
-        raise ParentDied(_DIED.format(pid=os.environ[PARENT_PID_ENV]))
 
 
 def experiment_id(name: str) -> str:
@@ -147,31 +100,66 @@ def job_run(experiment: str, run_name: str, tags: dict[str, Any] | None = None, 
     tags = {**env_tags(), **{k: str(v) for k, v in (tags or {}).items()}}
     # Entered before the run exists, so a SIGTERM that arrives while it is being
     # created still closes it (as KILLED) instead of leaving it RUNNING.
-    with sigterm_raises():
+    with interrupts.stoppable():
         try:
             if os.environ.get("MLFLOW_RUN_ID"):
                 run = mlflow.start_run(tags=tags or None)
+                if _generated_name(run.info.run_name):  # `mlflow run` without --run-name: name it as we would
+                    mlflow.MlflowClient().update_run(run.info.run_id, name=run_name)
             elif resume_run_id:
                 run = mlflow.start_run(run_id=resume_run_id, tags=tags or None)
             else:
                 run = mlflow.start_run(experiment_id=experiment_id(experiment), run_name=run_name, tags=tags or None)
             yield run
         except BaseException as e:
-            error = f"{type(e).__name__}: {e}"
-            killed = isinstance(e, KeyboardInterrupt)  # Ctrl-C, SIGTERM (_Terminated), ParentDied
-            if not killed and parent_died():
-                # A print to the dead sweep's pipe (BrokenPipeError) usually fails before the check
-                # between epochs: the same event, closed the same way (error.txt has the trace).
-                error, killed = f"{ParentDied.__name__}: {_DIED.format(pid=os.environ[PARENT_PID_ENV])}", True
-            status = "KILLED" if killed else "FAILED"
-            if mlflow.active_run():
-                with contextlib.suppress(Exception):  # a dead tracking server must not hide the real error
-                    mlflow.set_tag("error", error[:4000])
-                    mlflow.log_text(traceback.format_exc(), "error.txt")
-                mlflow.end_run(status)
+            with interrupts.closing():
+                _close(e)
             raise
         else:
-            mlflow.end_run("FINISHED")
+            with interrupts.closing():
+                mlflow.end_run("FINISHED")
+
+
+# Set on every run closed by an interruption (SIGINT, SIGTERM, parent-died). `mlflow run`
+# ends its run FAILED after an interruption whatever the entry point wrote (MLflow 3.17
+# compares the string status with integer codes, so it never sees that the run has ended);
+# the tag is how a reader still tells an interrupted run from a failed one (`outcome`).
+INTERRUPTED_TAG = "interrupted"
+
+
+def outcome(run) -> str:
+    """A run's status, with a run that `mlflow run` turned FAILED after an interruption
+    counted as KILLED."""
+    if run.info.status == "FAILED" and run.data.tags.get(INTERRUPTED_TAG):
+        return "KILLED"
+    return run.info.status
+
+
+def _close(e: BaseException) -> None:
+    """End the active run after `e`: KILLED for an interruption, FAILED otherwise."""
+    error = f"{type(e).__name__}: {e}"
+    cause = interrupts.cause(e) if isinstance(e, KeyboardInterrupt) else None  # Ctrl-C, SIGTERM, parent died
+    if cause is None and interrupts.parent_died():
+        # A print to the dead parent's pipe (BrokenPipeError) can fail before the watcher
+        # notices: the same event, closed the same way (error.txt has the trace).
+        error, cause = f"{interrupts.ParentDied.__name__}: {interrupts.parent_died_message()}", "parent-died"
+    if mlflow.active_run():
+        with contextlib.suppress(Exception):  # a dead tracking server must not hide the real error
+            mlflow.set_tags({"error": error[:4000], **({INTERRUPTED_TAG: cause} if cause else {})})
+            mlflow.log_text(traceback.format_exc(), "error.txt")
+        mlflow.end_run("KILLED" if cause else "FAILED")
+
+
+def _generated_name(name: str | None) -> bool:
+    """Whether `name` is one MLflow made up (adjective-noun-number, from its word lists)."""
+    m = re.fullmatch(r"([a-z]+)-([a-z]+)-(\d+)", name or "")
+    if not m:
+        return False
+    try:
+        from mlflow.utils.name_utils import _GENERATOR_NOUNS, _GENERATOR_PREDICATES
+    except ImportError:  # the lists moved: the pattern alone decides
+        return True
+    return m.group(1) in _GENERATOR_PREDICATES and m.group(2) in _GENERATOR_NOUNS
 
 
 def logged_steps(run_id: str, key: str) -> set[int]:

@@ -103,7 +103,7 @@ def test_job_against_a_real_mlflow_server(mlflow_server, monkeypatch):
         mlflow.set_tracking_uri(None)
 
 
-def _mlflow_run(tmp_path, *params, entry="prune"):
+def _mlflow_run_args(*params, entry="prune"):
     env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
            "OMP_NUM_THREADS": "1"}
     env.pop("MLFLOW_EXPERIMENT_ID", None)
@@ -111,6 +111,11 @@ def _mlflow_run(tmp_path, *params, entry="prune"):
             "--experiment-name", "projects"]
     for p in params:
         args += ["-P", p]
+    return args, env
+
+
+def _mlflow_run(tmp_path, *params, entry="prune"):
+    args, env = _mlflow_run_args(*params, entry=entry)
     return subprocess.run(args, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=600)
 
 
@@ -122,7 +127,59 @@ def test_mlflow_run_entry_point(mlflow_store, tmp_path):
     run = _only_run()
     assert run.info.status == "FINISHED"
     assert run.data.tags["mlflow.project.entryPoint"] == "prune"
+    # Named as prunetrack names its runs, and the logged experiment is the one the run is in.
+    assert run.info.run_name == "resnet20-mag-10x-s0"
+    assert run.data.params["experiment"] == "projects"
     assert run.data.params["iterations_resolved"] == "1"  # resolved next to the one mlflow run logged
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signal_to", ["terminal: SIGINT to the group", "SIGTERM to mlflow run"])
+def test_mlflow_run_interrupted_stops_the_trainer_and_marks_the_run(mlflow_store, tmp_path, signal_to):
+    """Ctrl-C in a terminal reaches `mlflow run` and the trainer; a scheduler's SIGTERM may
+    reach `mlflow run` alone, which then exits at once. Either way the trainer stops and
+    its run ends as interrupted: KILLED, or FAILED (MLflow overwrites KILLED after a
+    Ctrl-C) with the `interrupted` tag."""
+    import signal
+    import time
+
+    args, env = _mlflow_run_args("model=resnet20", "dataset=synthetic", "post_epochs=500", "train_subset=200",
+                                 "test_subset=100")
+    tracking.prepare_store()  # created here, before both processes open it
+    log = open(tmp_path / "mlflow-run.log", "w")
+    proc = subprocess.Popen(args, env=env, cwd=tmp_path, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while True:  # until the trainer has logged an epoch
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "mlflow-run.log").read_text()[-3000:]
+            runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+            if runs and mlflow.MlflowClient().get_metric_history(runs[0].info.run_id, "test_loss"):
+                break
+            time.sleep(1)
+        trainer = [p for p in os.listdir("/proc") if p.isdigit() and _cmdline(p).startswith("python entrypoints/")]
+        if signal_to.startswith("terminal"):
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+        deadline = time.monotonic() + 30
+        while any(os.path.exists(f"/proc/{p}") and _cmdline(p) for p in trainer):
+            assert time.monotonic() < deadline, "the trainer is still running"
+            time.sleep(0.5)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    run = _only_run()
+    assert tracking.outcome(run) == "KILLED"
+    assert run.data.tags["interrupted"] == ("SIGINT" if signal_to.startswith("terminal") else "parent-died")
+
+
+def _cmdline(pid: str) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ import mlflow
 import pytest
 import yaml
 
-from prunetrack import servers, tracking
+from prunetrack import interrupts, servers, tracking
 
 
 def client() -> mlflow.MlflowClient:
@@ -55,19 +55,54 @@ def test_job_run_ends_killed_on_ctrl_c_and_sigterm(mlflow_store, how):
             raise KeyboardInterrupt
     closed = client().get_run(run.info.run_id)
     assert closed.info.status == "KILLED"
-    assert closed.data.tags["error"].startswith("_Terminated" if how == "sigterm" else "KeyboardInterrupt")
+    assert closed.data.tags["error"].startswith("Terminated" if how == "sigterm" else "KeyboardInterrupt")
+    assert closed.data.tags["interrupted"] == ("SIGTERM" if how == "sigterm" else "SIGINT")
     assert signal.getsignal(signal.SIGTERM) is before  # the handler is the job's only while its run is open
 
 
-def test_job_run_ends_killed_when_the_sweep_that_started_it_died(mlflow_store, monkeypatch):
-    monkeypatch.setenv(tracking.PARENT_PID_ENV, str(os.getppid()))
-    tracking.stop_if_parent_died()  # our parent is alive: nothing happens
-    monkeypatch.setenv(tracking.PARENT_PID_ENV, str(os.getpid()))  # a pid that is not our parent's
-    with pytest.raises(tracking.ParentDied, match=rf"the sweep process \(pid {os.getpid()}\) died"):
-        tracking.stop_if_parent_died()
-    # A print to the dead sweep's pipe fails before the check between epochs: the same event.
+def test_a_run_that_mlflow_turned_failed_after_an_interruption_counts_as_killed(mlflow_store):
+    with pytest.raises(KeyboardInterrupt):
+        with tracking.job_run("t", "ctrl-c") as run:
+            raise KeyboardInterrupt
+    client().set_terminated(run.info.run_id, "FAILED")  # what `mlflow run` does next
+    assert tracking.outcome(client().get_run(run.info.run_id)) == "KILLED"
+    with pytest.raises(ValueError):
+        with tracking.job_run("t", "bad") as failed:
+            raise ValueError("bad")
+    assert tracking.outcome(client().get_run(failed.info.run_id)) == "FAILED"
+
+
+@pytest.fixture
+def parent_pid(monkeypatch):
+    """Set PRUNETRACK_PARENT_PID (the parent a job watches) for one test."""
+    def set_pid(pid: int):
+        monkeypatch.setenv(interrupts.PARENT_PID_ENV, str(pid))
+        interrupts.watched_parent.cache_clear()
+    yield set_pid
+    monkeypatch.delenv(interrupts.PARENT_PID_ENV, raising=False)
+    interrupts.watched_parent.cache_clear()
+
+
+def test_job_run_ends_killed_within_a_second_when_its_parent_dies(mlflow_store, parent_pid):
+    parent_pid(os.getppid())
+    assert not interrupts.parent_died()  # our parent is alive
+    with pytest.raises(interrupts.ParentDied, match=rf"the sweep process \(pid {os.getpid()}\) died"):
+        with tracking.job_run("t", "orphan") as run:
+            parent_pid(os.getpid())  # a pid that is not our parent's: as if the parent had just died
+            assert interrupts.parent_died()
+            start = time.monotonic()
+            time.sleep(30)  # the watcher interrupts this
+    assert time.monotonic() - start < 5
+    closed = client().get_run(run.info.run_id)
+    assert closed.info.status == "KILLED" and closed.data.tags["interrupted"] == "parent-died"
+
+
+def test_a_broken_pipe_to_a_dead_parent_closes_the_run_as_killed(mlflow_store, parent_pid):
+    parent_pid(os.getppid())
+    # A print to the dead sweep's pipe can fail before the watcher notices: the same event.
     with pytest.raises(BrokenPipeError):
         with tracking.job_run("t", "orphan") as run:
+            parent_pid(os.getpid())  # as if the parent had just died
             raise BrokenPipeError(32, "Broken pipe")
     closed = client().get_run(run.info.run_id)
     assert closed.info.status == "KILLED"
@@ -216,3 +251,10 @@ def test_stop_ends_a_child_and_what_it_started():
     while _running(grandchild):
         assert time.time() < deadline, "the child's own child survived"
         time.sleep(0.1)
+
+
+def test_only_names_mlflow_made_up_are_replaced():
+    assert tracking._generated_name("bald-hound-474")
+    assert not tracking._generated_name("vgg16-mag-10x-s0")
+    assert not tracking._generated_name("my-own-1")  # the user's --run-name: kept
+    assert not tracking._generated_name(None)

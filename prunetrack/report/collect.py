@@ -32,7 +32,7 @@ from prunetrack.report.records import (
     Run,
     Study,
 )
-from prunetrack.tracking import KIND_TAG, public_uri
+from prunetrack.tracking import KIND_TAG, outcome, public_uri
 
 
 def load_runs(experiment_id: str) -> tuple[list[Run], Counter, dict[str, Pretrain]]:
@@ -50,7 +50,7 @@ def load_runs(experiment_id: str) -> tuple[list[Run], Counter, dict[str, Pretrai
         if tags.get(KIND_TAG) == "report" or not {"model", "pruner", "compression"} <= set(tags):
             continue
         if r.info.status != "FINISHED":
-            other[r.info.status] += 1
+            other[outcome(r)] += 1
             continue
         runs.append(Run(r.info.run_id, r.info.run_name or r.info.run_id[:8], tags["model"], tags["pruner"],
                         float(tags["compression"]), tags.get("seed", r.data.params.get("seed", "?")),

@@ -1,0 +1,136 @@
+"""How a job learns that it must stop: Ctrl-C, SIGTERM, or the death of the process
+that started it (a sweep, or `mlflow run`). All three arrive in the main thread as a
+KeyboardInterrupt subclass, so that one `except KeyboardInterrupt` closes the run as
+KILLED and keeps the checkpoint (tracking.job_run).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import signal
+import threading
+import time
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C."""
+
+
+class ParentDied(KeyboardInterrupt):
+    """The process that started this job is gone (a sweep killed with SIGKILL, `mlflow run`
+    terminated): nobody is left to stop the job or to close its run, so it stops itself."""
+
+
+# The pid of the process that started this job (a sweep sets it for its cells). A cell
+# runs in a session of its own, so a sweep killed outright takes nothing with it.
+PARENT_PID_ENV = "PRUNETRACK_PARENT_PID"
+
+
+def _is_mlflow_run(pid: int) -> bool:
+    """Whether `pid` runs `mlflow run` (Linux /proc; False where it cannot be read)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            args = f.read().decode(errors="replace").split("\0")
+    except OSError:
+        return False
+    return "run" in args and any(os.path.basename(a) == "mlflow" for a in args)
+
+
+@functools.cache
+def watched_parent() -> tuple[int, str] | None:
+    """(pid, what) of the parent whose death stops this job, or None. Decided once per
+    process, before anything changes the environment (the pre-training hides
+    MLFLOW_RUN_ID). `mlflow run` execs the entry point's command, so the job's parent is
+    the `mlflow run` process: when that one is SIGTERMed it exits at once and leaves its
+    run RUNNING and the trainer alone."""
+    if os.environ.get(PARENT_PID_ENV):
+        return int(os.environ[PARENT_PID_ENV]), "the sweep process"
+    if _is_mlflow_run(os.getppid()):
+        return os.getppid(), "the `mlflow run` process"
+    return None
+
+
+def parent_died() -> bool:
+    """Whether the watched parent has exited. An orphan is re-parented at once, so its
+    parent pid changes: unlike kill(pid, 0), neither a dead parent not yet reaped (a
+    zombie) nor a reused pid can fool this."""
+    watched = watched_parent()
+    return watched is not None and os.getppid() != watched[0]
+
+
+def parent_died_message() -> str:
+    pid, what = watched_parent()
+    return f"{what} (pid {pid}) died; the checkpoint is kept: run the same command again to resume"
+
+
+def cause(e: BaseException) -> str:
+    """What interrupted the job, for the run's `interrupted` tag."""
+    if isinstance(e, ParentDied):
+        return "parent-died"
+    return "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
+
+
+_parent_gone = threading.Event()
+_watching = threading.Event()  # set while a watcher may still send its signal
+_lock = threading.Lock()  # a watcher sends its signal only while it holds this and _watching is set
+
+
+def _raise(signum, frame):
+    if _parent_gone.is_set():
+        raise ParentDied(parent_died_message())
+    raise Terminated(f"terminated by signal {signum}")
+
+
+def _watch(interval: float, main: int) -> None:
+    while _watching.is_set():
+        time.sleep(interval)
+        with _lock:
+            if _watching.is_set() and parent_died():
+                _watching.clear()
+                _parent_gone.set()
+                # A real SIGTERM to the main thread: unlike _thread.interrupt_main it also
+                # wakes a blocking call (a sleep, a wait); our handler raises ParentDied.
+                signal.pthread_kill(main, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def stoppable(interval: float = 0.5):
+    """While the block runs (in the main thread), SIGTERM raises Terminated and the death
+    of the watched parent raises ParentDied, so that `finally` blocks close runs and stop
+    child processes. Outside the main thread it does nothing."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is _raise:
+        yield  # not ours to handle, or an enclosing block already does (a job inside a sweep's block)
+        return
+    previous = signal.signal(signal.SIGTERM, _raise)
+    _parent_gone.clear()
+    if watched_parent() is not None:
+        _watching.set()
+        threading.Thread(target=_watch, args=(interval, threading.main_thread().ident), name="parent-watch",
+                         daemon=True).start()
+    try:
+        yield
+    finally:
+        with _lock:  # the watcher sends nothing from here on
+            _watching.clear()
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def closing():
+    """While a run is being closed nothing interrupts it: the parent watcher stops, and
+    Ctrl-C and SIGTERM are ignored (`mlflow run`, on Ctrl-C, SIGTERMs its entry point
+    while that closes its run). A signal that arrived before the block and is not yet
+    handled is dropped too (Python skips a pending signal whose handler is now SIG_IGN,
+    printing that it did)."""
+    with _lock:
+        _watching.clear()
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
