@@ -221,16 +221,22 @@ def run_job(cfg: JobConfig, device: torch.device | None = None) -> str:
             prunable, remaining = masking.count(s.model)
             print(f"pruned with {p.pruner} in {pruned['pruning_time']:.2f}s: {remaining}/{prunable} prunable "
                   f"weights kept (density {remaining / prunable:.4f})", flush=True)
+            linked = pruned.get("connected") is not False
             if pruned["collapsed"]:  # a known failure mode: visible in the run, not only in a log
-                warning = pruning.collapse_message(pruned["collapsed"])
+                warning = pruning.collapse_message(pruned["collapsed"], linked)
                 tracking.log_tags({"layer_collapse": ",".join(pruned["collapsed"]), "warning": warning})
                 print(f"WARNING: {warning}", file=sys.stderr, flush=True)
+            if not linked:  # whether or not a layer is empty: the output no longer sees the input
+                tracking.log_tags({"disconnected": "true",
+                                   **({} if pruned["collapsed"] else {"warning": pruning.DISCONNECTED})})
+                if not pruned["collapsed"]:
+                    print(f"WARNING: {pruning.DISCONNECTED}", file=sys.stderr, flush=True)
             if pruned.get("near_collapse"):
                 warning = (f"near layer collapse: {len(pruned['near_collapse'])} layer(s) keep fewer weights than "
                            f"they have outputs ({', '.join(pruned['near_collapse'])}), so some of their outputs "
                            f"are cut off from every input")
                 tracking.log_tags({"near_collapse": ",".join(pruned["near_collapse"]),
-                                   **({} if pruned["collapsed"] else {"warning": warning})})
+                                   **({} if pruned["collapsed"] or not linked else {"warning": warning})})
                 print(f"WARNING: {warning}", file=sys.stderr, flush=True)
             if pruned["score_summary"]:
                 tracking.log_dict(pruned["score_summary"], "score_summary.json")
@@ -277,6 +283,7 @@ def prune(s: Setup, cfg: JobConfig, device: torch.device) -> dict:
         pruning.reinitialize(s.model, cfg.run.seed + 1)
     return {"pruning_time": pruning_time, "collapsed": result.collapsed if result else [],
             "near_collapse": result.near_collapse if result else [],
+            "connected": result.connected if result else None,
             "score_summary": result.score_summary if result else {},
             # what training starts from, for the histograms
             "init_weights": measure.surviving_weights(s.model)}

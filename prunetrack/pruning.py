@@ -141,6 +141,31 @@ def synflow_scores(model: nn.Module, batches: Batches | None, generator: torch.G
     return {name: (g * w).detach().abs() for name, g, w in zip(names, grads, weights)}
 
 
+@torch.no_grad()
+def connected(model: nn.Module, input_shape: tuple[int, ...]) -> bool:
+    """Whether some path leads from the input to the output through kept weights only.
+
+    Pruning can cut every such path while leaving each layer some weights (SNIP at
+    extreme ratios: the kept weights of consecutive layers do not line up), and can empty
+    a layer without cutting them (a projection shortcut of a ResNet, bypassed by the
+    residual path). This is SynFlow's R of the mask: a float64 copy where each output
+    averages its kept inputs (weight mask / kept count, so nothing overflows or
+    underflows), biases are zero and BatchNorm is the identity, fed all ones. Every term
+    is non-negative, so the output is positive exactly when a path exists."""
+    net = copy.deepcopy(model).double().eval()
+    for m in net.modules():
+        if isinstance(m, masking.PRUNABLE):
+            keep = m.prune_mask.to(torch.float64) if hasattr(m, masking.MASK) else torch.ones_like(m.weight)
+            per_output = keep.flatten(1).sum(1).clamp(min=1).view(-1, *[1] * (keep.dim() - 1))
+            m.weight.copy_(keep / per_output)
+            if m.bias is not None:
+                m.bias.zero_()
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_parameters()  # weight 1, bias 0, running mean 0, running variance 1
+    x = torch.ones(input_shape, dtype=torch.float64, device=next(net.parameters()).device)
+    return bool(net(x).sum() > 0)
+
+
 # The registry of named choices: name -> scoring function.
 PRUNERS = {
     "rand": random_scores,
@@ -271,6 +296,8 @@ class PruneResult:
     collapsed: list[str] = field(default_factory=list)  # layers with no surviving weight
     # Layers left with fewer weights than outputs: some outputs are cut off from every input.
     near_collapse: list[str] = field(default_factory=list)
+    # Whether a path from input to output through kept weights remains (None: not checked).
+    connected: bool | None = None
 
 
 def prune(model: nn.Module, pruner: str, compression: float, batches: Batches | None = None,
@@ -333,15 +360,24 @@ def prune(model: nn.Module, pruner: str, compression: float, batches: Batches | 
     summary = {n: {"mean": float(scores[n].double().mean()),
                    "kept_sum": float(scores[n].double()[masks[n]].sum())} for n in masks}
     collapsed = [n for n, m in masks.items() if not m.any()]
-    if collapsed:
-        warnings.warn(collapse_message(collapsed), RuntimeWarning, stacklevel=2)
     near = [n for n, m in masks.items() if m.any() and int(m.sum()) < m.shape[0]]
-    return PruneResult(masks, rounds, summary, collapsed, near)
+    # The input's shape comes from the data; without batches the check is not made.
+    linked = connected(model, synflow_input_shape(batches)) if batches else None
+    if collapsed:
+        warnings.warn(collapse_message(collapsed, bool(linked)), RuntimeWarning, stacklevel=2)
+    elif linked is False:
+        warnings.warn(DISCONNECTED, RuntimeWarning, stacklevel=2)
+    return PruneResult(masks, rounds, summary, collapsed, near, linked)
 
 
-def collapse_message(collapsed: list[str]) -> str:
+DISCONNECTED = ("disconnected: no path leads from the input to the output through the kept weights, so the "
+                "output does not depend on the input")
+
+
+def collapse_message(collapsed: list[str], linked: bool = False) -> str:
     return (f"layer collapse: no weight survives in {len(collapsed)} layer(s) ({', '.join(collapsed)}); "
-            f"the network can no longer pass signal through them")
+            + ("the network can no longer pass signal through them" if not linked else
+               "other paths (residual connections) still link the input to the output"))
 
 
 def _check_finite(scores: dict[str, torch.Tensor], alive: dict[str, torch.Tensor], pruner: str) -> None:

@@ -558,6 +558,37 @@ def test_layer_collapse_is_reported():
     assert result.collapsed == [] and all(m.any() for m in result.masks.values())
 
 
+def test_disconnection_is_found_even_when_every_layer_keeps_weights():
+    """SNIP at extreme ratios: each layer keeps weights, but those of consecutive layers do
+    not line up, so no input reaches the output."""
+    model = masking.add_masks(narrow_net())
+    masks = {n: torch.zeros_like(m) for n, m in masking.get_masks(model).items()}
+    masks["1"][0, :] = True   # hidden unit 0 sees the input ...
+    masks["3"][1, 5] = True   # ... but the bottleneck only reads hidden unit 5
+    masks["5"][:, 1] = True
+    masking.set_masks(model, masks)
+    assert all(m.any() for m in masks.values())
+    assert not pruning.connected(model, (1, 256))
+    masks["3"][1, 0] = True   # now unit 0 -> bottleneck 1 -> output: one path
+    masking.set_masks(model, masks)
+    assert pruning.connected(model, (1, 256))
+
+
+def test_an_emptied_projection_shortcut_leaves_a_resnet_connected():
+    """Layer collapse inside a residual block is not disconnection: the residual path
+    still links input and output. An empty classifier is both."""
+    model = masking.add_masks(models.get_model("resnet20"))
+    masks = masking.get_masks(model)
+    shortcut = next(n for n in masks if "shortcut" in n)
+    masks[shortcut] = torch.zeros_like(masks[shortcut])
+    masking.set_masks(model, masks)
+    assert pruning.connected(model, (1, 3, 32, 32))
+    last = list(masks)[-1]
+    masks[last] = torch.zeros_like(masks[last])
+    masking.set_masks(model, masks)
+    assert not pruning.connected(model, (1, 3, 32, 32))
+
+
 def test_layer_collapse_is_a_warning_of_the_run(mlflow_store, capsys):
     import mlflow
     from conftest import SMOKE
@@ -573,6 +604,7 @@ def test_layer_collapse_is_a_warning_of_the_run(mlflow_store, capsys):
     collapsed = run.data.tags["layer_collapse"].split(",")
     assert collapsed and set(collapsed) <= set(masking.prunable_layers(models.get_model("resnet20")))
     assert run.data.tags["warning"].startswith("layer collapse")
+    assert run.data.tags["disconnected"] == "true"  # 3 weights left: no input reaches the output
     assert "WARNING: layer collapse" in capsys.readouterr().err
 
 
