@@ -179,3 +179,43 @@ def test_settings_state_the_protocol_from_the_runs(tmp_path):
     assert "- **Pre-training epochs (cap)** (runs that start from a pre-training: Mag): `200`" in text
     assert "- **Pre-training epochs (cap)** (the other runs): `0`" in text
     assert "differs between runs" not in text  # one protocol: nothing flagged
+
+
+# ---------------------------------------------------------------------------- findings and noise
+
+def acc_run(pruner, acc, seed=0, c=10, **tags):
+    return make_run(pruner, c, seed, metrics={"test_accuracy": acc}, tags={"test_examples": "10000", **tags})
+
+
+def test_single_seed_ranking_calls_gaps_below_the_test_sets_sampling_error_within_noise():
+    # Near 80% on 10,000 images the 95% half-width of a difference is 1.96 * sqrt(2 * .8 * .2 / 1e4) = 1.11 points:
+    # SNIP, 0.80 below Rand, is within it, GraSP, 3.00 below, is not.
+    s = study([acc_run("rand", 80.0), acc_run("snip", 79.2), acc_run("grasp", 77.0)], pruners=("rand", "snip", "grasp"))
+    noise, ranking = findings.ranking_findings(s)
+    assert noise.startswith("- Noise: every cell is a single run (n=1), so the seed-to-seed spread is not measured")
+    assert "10,000 test images: ±1.13 points, 95%, for two accuracies near 79%" in noise  # their mean, 78.73
+    assert ranking == ("- At 10x [ResNet20 · 10x], n=1 per pruner: Rand 80.00%, SNIP 79.20%, GraSP 77.00%. "
+                       "**Rand** is highest; SNIP is within noise of it (0.80 points); GraSP (3.00 points) is below "
+                       "it by more than the noise.")
+
+
+def test_with_seeds_the_ranking_states_n_and_spread_and_uses_the_seed_spread():
+    # Rand's three seeds have sd 2.0: twice the standard error of a 3-vs-1 difference is 2 * 2 * sqrt(4/3) = 4.62.
+    runs = [acc_run("rand", v, seed) for seed, v in enumerate((78.0, 80.0, 82.0))]
+    s = study(runs + [acc_run("snip", 76.0), acc_run("grasp", 74.0)], pruners=("rand", "snip", "grasp"))
+    noise, ranking = findings.ranking_findings(s)
+    assert "pooled over the 1 cell with several seeds ([ResNet20 · Rand · 10x]), is 2.00 points" in noise
+    assert ranking.startswith("- At 10x [ResNet20 · 10x], n=1-3 per pruner: Rand 80.00% ± 2.00% (n=3), SNIP 76.00%")
+    assert "SNIP is within noise of it (4.00 points); GraSP (6.00 points) is below it by more than the noise" in ranking
+
+
+def test_near_collapse_and_disconnection_are_findings_not_no_collapse():
+    layers = [{"layer": "classifier", "density": 0.0006}, {"layer": "features.0", "density": 0.5}]
+    s = study([make_run("mag", 10, tags={"near_collapse": "classifier"}, layers=layers),
+               make_run("snip", 10, tags={"disconnected": "true"})], pruners=("mag", "snip"))
+    text = "\n".join(findings.layer_findings(s))
+    assert "No layer collapse" not in text
+    assert "Near collapse in [ResNet20 · Mag · 10x]" in text and "`classifier` keeps 0.06% of its weights" in text
+    assert "Disconnected: [ResNet20 · SNIP · 10x]" in text
+    clean = study([make_run("rand", 10)], pruners=("rand",))
+    assert findings.layer_findings(clean)[-1].startswith("- No layer collapse, disconnection or near-collapse")

@@ -11,6 +11,7 @@ from prunetrack.report.records import (
     NOT_LOGGED,
     TIMED_TEST_TIME,
     Pretrain,
+    Stat,
     Study,
     cell_name,
     join_words,
@@ -24,22 +25,91 @@ from prunetrack.report.tables import md_table
 
 
 def findings(s: Study) -> list[str]:
-    M, F, out = s.main, s.opts.focus, []
-    # Best pruner per ratio.
+    out = ranking_findings(s)
+    out += baseline_findings(s)
+    out += layer_findings(s)
+    out += speedup_findings(s)
+    out += loss_findings(s)
+    return out or ["- Not enough runs for any comparison."]
+
+
+class Noise:
+    """How far apart two cells' mean accuracies must be before the report calls them
+    different: twice the standard error of the difference, from the seed-to-seed spread
+    where some cells have several seeds, and never below the 95% sampling error of the
+    test set (the same N test images score every cell)."""
+
+    def __init__(self, s: Study):
+        M = s.main
+        multi = [(c, p, st) for c in s.compressions for p in s.pruners
+                 if (st := s.stat(M, p, c, ACCURACY.key)) and st.n > 1]
+        dof = sum(st.n - 1 for _, _, st in multi)
+        self.sd = (sum((st.n - 1) * st.std ** 2 for _, _, st in multi) / dof) ** 0.5 if dof else None
+        self.cells = [cell_name(M, p, c) for c, p, _ in multi]
+        sizes = Counter(r.tags.get("test_examples") for r in s.runs if r.model == M)
+        size = sizes.most_common(1)[0][0] if sizes else None
+        self.test_size = int(size) if size and str(size).isdigit() else None
+
+    def sampling(self, a: float, b: float) -> float:
+        """95% half-width, in points, of the difference of two accuracies (%) on the test set."""
+        if not self.test_size:
+            return 0.0
+        pa, pb = a / 100, b / 100
+        return 196 * ((pa * (1 - pa) + pb * (1 - pb)) / self.test_size) ** 0.5
+
+    def threshold(self, a: Stat, b: Stat) -> float:
+        seeds = 2 * self.sd * (1 / a.n + 1 / b.n) ** 0.5 if self.sd is not None else 0.0
+        return max(seeds, self.sampling(a.mean, b.mean))
+
+    def words(self, typical: float) -> str:
+        size = f"{self.test_size:,} test images" if self.test_size else "a test-set size not logged"
+        test = (f"the test set's sampling error ({size}: ±{self.sampling(typical, typical):.2f} points, 95%, for "
+                f"two accuracies near {typical:.0f}%)")
+        if self.sd is None:
+            return (f"- Noise: every cell is a single run (n=1), so the seed-to-seed spread is not measured; a "
+                    f"difference is called within noise when it is below {test}. Seeds add their own spread to "
+                    f"that, so a difference just above it is not established either.")
+        return (f"- Noise: the seed-to-seed standard deviation, pooled over the {plural(len(self.cells), 'cell')} "
+                f"with several seeds ({join_words(self.cells)}), is {self.sd:.2f} points; a difference is called "
+                f"within noise when it is below twice the standard error of the difference "
+                f"({2 * self.sd * 2 ** 0.5:.2f} points between two single runs), or below {test}.")
+
+
+def ranking_findings(s: Study) -> list[str]:
+    """Per ratio: the pruners by mean test accuracy, with n and spread, and which gaps
+    to the best are within noise."""
+    M, noise, out = s.main, Noise(s), []
     for c in s.compressions:
         stats = {p: st for p in s.pruners if (st := s.stat(M, p, c, ACCURACY.key))}
         if len(stats) < 2 or c == 1.0:
             continue
-        best = max(stats, key=lambda p: stats[p].mean)
-        rest = sorted((p for p in stats if p != best), key=lambda p: -stats[p].mean)
-        out.append(f"- At {c:g}x, **{pruner_label(best)}** has the highest test accuracy, "
-                   f"{stats[best].mean:.2f}% {cell_name(M, best, c)}, "
-                   f"{stats[best].mean - stats[rest[0]].mean:.2f} points above {pruner_label(rest[0])} "
-                   f"{cell_name(M, rest[0], c)}"
-                   + (f" and {stats[best].mean - stats[rest[-1]].mean:.2f} above {pruner_label(rest[-1])} "
-                      f"{cell_name(M, rest[-1], c)}" if len(rest) > 1 else "") + ".")
-    out += baseline_findings(s)
-    # Layers pruned most and least, and layer collapse.
+        order = sorted(stats, key=lambda p: -stats[p].mean)
+        best, ns = order[0], sorted({st.n for st in stats.values()})
+        seeds = f"n={ns[0]}" if len(ns) == 1 else f"n={ns[0]}-{ns[-1]}"
+        values = ", ".join(f"{pruner_label(p)} {stats[p].fmt(lambda v: f'{v:.2f}%')}"
+                           for p in order)
+        close = [p for p in order[1:] if stats[best].mean - stats[p].mean < noise.threshold(stats[best], stats[p])]
+        apart = [p for p in order[1:] if p not in close]
+        words = f"- At {c:g}x {cell_name(M, None, c)}, {seeds} per pruner: {values}. **{pruner_label(best)}** is highest"
+        if close:
+            words += (f"; {join_words([pruner_label(p) for p in close])} "
+                      f"{'is' if len(close) == 1 else 'are'} within noise of it "
+                      f"({', '.join(f'{stats[best].mean - stats[p].mean:.2f}' for p in close)} points)")
+        if apart:
+            words += (f"; {join_words([f'{pruner_label(p)} ({stats[best].mean - stats[p].mean:.2f} points)' for p in apart])}"
+                      f" {'is' if len(apart) == 1 else 'are'} below it by more than the noise")
+        out.append(words + ".")
+    if out:
+        typical = statistics.fmean(st.mean for c in s.compressions for p in s.pruners
+                                   if (st := s.stat(M, p, c, ACCURACY.key)))
+        out.insert(0, noise.words(typical))
+    return out
+
+
+def layer_findings(s: Study) -> list[str]:
+    """Layers pruned most and least at the focus ratio, and every run whose pruning emptied a
+    layer, cut the input off from the output, or left a layer fewer weights than outputs."""
+    M, F, out = s.main, s.opts.focus, []
     for p in s.pruners:
         found = s.layer_stats(p, "density")
         if not found:
@@ -49,21 +119,32 @@ def findings(s: Study) -> list[str]:
         hi = max(stats, key=lambda k: stats[k].mean)
         out.append(f"- {pruner_label(p)} at {F:g}x {cell_name(M, p, F)} prunes `{lo}` most (density "
                    f"{stats[lo].mean:.4f}) and `{hi}` least (density {stats[hi].mean:.4f}).")
-    collapsed = [(r, r.tags["layer_collapse"]) for r in s.runs if r.model == M and r.tags.get("layer_collapse")]
-    empty = [(r, row["layer"]) for r in s.runs if r.model == M and r.compression == F
-             for row in (r.layers or []) if float(row.get("density", 1)) == 0.0]
-    if collapsed:
-        for r, layers in collapsed:
-            out.append(f"- Layer collapse in {cell_name(M, r.pruner, r.compression)} run {r.label}: every weight "
-                       f"of {', '.join(f'`{x}`' for x in layers.split(','))} was pruned.")
-    else:
-        checked = sum(1 for r in s.runs if r.model == M)
-        extra = f"; layers.json shows {len(empty)} empty layer(s) at {F:g}x" if empty else ""
-        out.append(f"- No layer collapse: none of the {checked} runs of {model_label(M)} tagged `layer_collapse`"
-                   f"{extra}.")
-    out += speedup_findings(s)
-    out += loss_findings(s)
-    return out or ["- Not enough runs for any comparison."]
+    runs = [r for r in s.runs if r.model == M]
+    flagged = False
+    for r in runs:
+        cell = f"{cell_name(M, r.pruner, r.compression)} run {r.label}"
+        if r.tags.get("layer_collapse"):
+            flagged = True
+            out.append(f"- Layer collapse in {cell}: every weight of "
+                       f"{', '.join(f'`{x}`' for x in r.tags['layer_collapse'].split(','))} was pruned"
+                       + ("; no path links the input to the output." if r.tags.get("disconnected") else
+                          "; other paths still link the input to the output."))
+        elif r.tags.get("disconnected"):
+            flagged = True
+            out.append(f"- Disconnected: {cell} keeps weights in every layer, but no path through them links the "
+                       f"input to the output.")
+        if r.tags.get("near_collapse"):
+            flagged = True
+            layers = r.tags["near_collapse"].split(",")
+            dens = {row["layer"]: float(row["density"]) for row in (r.layers or []) if row.get("density") is not None}
+            lowest = min((x for x in layers if x in dens), key=dens.get, default=None)
+            out.append(f"- Near collapse in {cell}: {plural(len(layers), 'layer')} keep fewer weights than they have "
+                       f"outputs ({', '.join(f'`{x}`' for x in layers)})"
+                       + (f"; `{lowest}` keeps {dens[lowest]:.2%} of its weights" if lowest else "") + ".")
+    if not flagged:
+        out.append(f"- No layer collapse, disconnection or near-collapse (a layer with fewer weights than outputs) "
+                   f"in any of the {plural(len(runs), 'run')} of {model_label(M)}.")
+    return out
 
 
 def baseline_findings(s: Study) -> list[str]:
