@@ -187,7 +187,7 @@ def run_job(cfg: JobConfig, device: torch.device | None = None) -> str:
         start_weights = tracking.load_weights(init_from) if init_from and state is None else None
         under_mlflow_run = bool(os.environ.get("MLFLOW_RUN_ID"))  # mlflow.start_run removes it
         with tracking.job_run(cfg.run.experiment, name, tags={"config_hash": cfg.config_hash()},
-                              resume_run_id=resume_id) as run:
+                              resume_run_id=resume_id, system_metrics=True) as run:
             run_id = run.info.run_id
             # The experiment the run is in (`mlflow run --experiment-name` decides it there).
             tracking.log_config({**cfg.flat(), "experiment": tracking.experiment_of_run(run_id)})

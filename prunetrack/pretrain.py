@@ -66,7 +66,7 @@ def run_pretrain(cfg: JobConfig, device: torch.device, experiment: str, ckpt: ch
     name = f"{cfg.model.model}-pretrain-{t.pre_epochs}ep-s{cfg.run.seed}"
     with _outside_mlflow_run(), tracking.job_run(
             experiment, name, tags={tracking.KIND_TAG: "pretrain", "pretrain_hash": cfg.pretrain_hash()},
-            resume_run_id=resume_id) as run:
+            resume_run_id=resume_id, system_metrics=True) as run:
         run_id = run.info.run_id
         flat = cfg.flat()
         tracking.log_config({k: flat[k] for k in PRETRAIN_FIELDS})

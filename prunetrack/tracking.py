@@ -91,25 +91,30 @@ def resumable(run_id: str | None) -> str | None:
 
 
 @contextlib.contextmanager
-def job_run(experiment: str, run_name: str, tags: dict[str, Any] | None = None, resume_run_id: str | None = None):
+def job_run(experiment: str, run_name: str, tags: dict[str, Any] | None = None, resume_run_id: str | None = None,
+            system_metrics: bool = False):
     """The MLflow run of one job (or sweep). Under `mlflow run` the run already exists (its
     id is in MLFLOW_RUN_ID) and its experiment and name are mlflow's; with `resume_run_id`
     that run is reopened (status back to RUNNING); otherwise we create one. `tags` and
     those in PRUNETRACK_RUN_TAGS are set as the run starts, so that even a run that fails
-    at once is attributed to its sweep."""
+    at once is attributed to its sweep. With `system_metrics`, MLflow samples CPU, memory
+    (and GPU) use into `system/*` metrics while the run is open, unless the user turned
+    that off (MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false)."""
     tags = {**env_tags(), **{k: str(v) for k, v in (tags or {}).items()}}
+    sample = system_metrics and os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true").lower() in ("true", "1")
     # Entered before the run exists, so a SIGTERM that arrives while it is being
     # created still closes it (as KILLED) instead of leaving it RUNNING.
     with interrupts.stoppable():
         try:
             if os.environ.get("MLFLOW_RUN_ID"):
-                run = mlflow.start_run(tags=tags or None)
+                run = mlflow.start_run(tags=tags or None, log_system_metrics=sample)
                 if _generated_name(run.info.run_name):  # `mlflow run` without --run-name: name it as we would
                     mlflow.MlflowClient().update_run(run.info.run_id, name=run_name)
             elif resume_run_id:
-                run = mlflow.start_run(run_id=resume_run_id, tags=tags or None)
+                run = mlflow.start_run(run_id=resume_run_id, tags=tags or None, log_system_metrics=sample)
             else:
-                run = mlflow.start_run(experiment_id=experiment_id(experiment), run_name=run_name, tags=tags or None)
+                run = mlflow.start_run(experiment_id=experiment_id(experiment), run_name=run_name, tags=tags or None,
+                                       log_system_metrics=sample)
             yield run
         except BaseException as e:
             with interrupts.closing():

@@ -25,7 +25,8 @@ def _only_run():
     return runs[0]
 
 
-def test_job_logs_the_whole_run(mlflow_store):
+def test_job_logs_the_whole_run(mlflow_store, monkeypatch):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")  # the default is 10 s
     run_id = run_job(_job(post_epochs=2, experiment="smoke"))
     run = mlflow.get_run(run_id)
     assert run.info.status == "FINISHED"
@@ -46,6 +47,8 @@ def test_job_logs_the_whole_run(mlflow_store):
     assert m["test_time_min"] <= m["test_time"] <= m["test_time_max"] and m["test_time_threads"] >= 1
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"config.yaml", "masks.pt", "layers.json"} <= artifacts
+    # MLflow's system metrics, shown in the run's System metrics tab.
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(m)
 
     # The logged masks load back and fit the model they came from.
     masks = load_masks(f"runs:/{run_id}")
