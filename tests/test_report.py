@@ -189,9 +189,14 @@ def test_figures_are_valid_pngs_and_logged_to_a_report_run(study):
     reports = client.search_runs([exp.experiment_id], "tags.`prunetrack.kind` = 'report'")
     assert len(reports) == 1 and reports[0].info.status == "FINISHED"
     logged = {a.path for a in client.list_artifacts(reports[0].info.run_id)}
-    assert logged == expected | {"REPORT.md"}
+    assert logged == expected | {"REPORT.md", "REPORT.html"}
     local = client.download_artifacts(reports[0].info.run_id, "REPORT.md", str(study["root"]))
     assert open(local).read() == study["text"]
+    # The page MLflow's artifact viewer shows: tables as tables, every figure inlined, links that resolve.
+    page = mlflow.artifacts.load_text(f"runs:/{reports[0].info.run_id}/REPORT.html")
+    assert page.count("<table>") == study["text"].count("\n|---|") > 0
+    assert page.count('src="data:image/png;base64,') == len(expected) and ".png\"" not in page
+    assert 'href="#missing-cells"' in page and 'id="missing-cells"' in page
 
 
 def test_second_report_skips_the_report_run(study):

@@ -200,12 +200,41 @@ def render(s: Study, out: str) -> str:
     return "\n".join(md).rstrip() + "\n"
 
 
-def log_report_run(experiment: str, name: str, folder: str) -> str:
-    """Log the report's files to a report run (the one `mlflow run` created, if any),
-    tagged so later reports skip it."""
+PAGE_STYLE = """body{font-family:system-ui,sans-serif;max-width:72em;margin:2em auto;padding:0 1em;line-height:1.45}
+table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:.25em .6em;text-align:right}
+th:first-child,td:first-child{text-align:left}img{max-width:100%}code{background:#f4f4f4;padding:0 .2em}
+sub{font-size:.8em}"""
+
+
+def html_page(text: str, folder: str, title: str) -> str:
+    """REPORT.md as one self-contained HTML page, its figures inlined as data URIs:
+    MLflow's artifact viewer shows HTML, but not markdown with images beside it."""
+    import base64
+    import html
+
+    import markdown
+
+    body = markdown.markdown(text, extensions=["tables", "toc", "sane_lists"])  # toc: ids for #links
+
+    def inline(m: re.Match) -> str:
+        path = os.path.join(folder, m.group(1))
+        if not os.path.isfile(path):
+            return m.group(0)
+        with open(path, "rb") as fh:
+            return f'src="data:image/png;base64,{base64.b64encode(fh.read()).decode()}"'
+
+    body = re.sub(r'src="([^"/:]+\.png)"', inline, body)
+    return (f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{PAGE_STYLE}</style></head>\n<body>\n{body}\n</body></html>\n")
+
+
+def log_report_run(experiment: str, name: str, folder: str, page: str) -> str:
+    """Log the report's files and its HTML page (`page`) to a report run (the one `mlflow
+    run` created, if any), tagged so later reports skip it."""
     with tracking.job_run(experiment, f"report-{name}") as run:
         tracking.log_tags({KIND_TAG: "report", "report.experiment": experiment, "report.name": name})
         tracking.log_folder(folder)
+        tracking.log_text(page, "REPORT.html")
         here = MlflowClient().get_experiment(run.info.experiment_id).name
         if here != experiment:  # `mlflow run` without --experiment-name logs to its own experiment
             print(f"report run {run.info.run_id} is in experiment {here!r}; pass --experiment-name "
@@ -226,5 +255,5 @@ def build_report(opts: ReportOptions) -> str:
     path = os.path.join(out, "REPORT.md")
     with open(path, "w") as fh:
         fh.write(text)
-    log_report_run(opts.experiment, name, out)
+    log_report_run(opts.experiment, name, out, html_page(text, out, f"Pruning at initialization: {opts.experiment}"))
     return path
