@@ -68,7 +68,8 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    model: str = _f("vgg16", "Model architecture.", choices="models")
+    # vgg16_bn, not vgg16: pruned at initialization, the plain VGG16 barely passes signal.
+    model: str = _f("vgg16_bn", "Model architecture.", choices="models")
     init_from: str = _f("", "Start from trained weights instead of a fresh initialization: a run id or "
                             "runs:/<run_id> URI of a run that logged weights.pt (a pre-training run), or a "
                             "path to such a file. Excludes pre_epochs.")
