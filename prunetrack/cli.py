@@ -169,11 +169,12 @@ def sweep(spec, parallel, executor, ray_address, dry_run):
       prunetrack sweep sweeps/smoke.yaml --parallel 2
     """
     from prunetrack import sweep as sweeps
+    from prunetrack.spec import SpecError, load_spec
     from prunetrack.tracking import TrackingError
 
     try:
-        loaded = sweeps.load_spec(spec)
-    except sweeps.SpecError as e:
+        loaded = load_spec(spec)
+    except SpecError as e:
         raise click.BadParameter(str(e), param_hint="SPEC") from None
     try:
         sweeps.run_sweep(loaded, parallel=parallel, executor=executor, ray_address=ray_address, dry_run=dry_run,

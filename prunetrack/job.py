@@ -18,7 +18,7 @@ import mlflow
 import numpy as np
 import torch
 
-from prunetrack import __version__, checkpoint, data, masking, measure, models, pruning, tracking, training
+from prunetrack import __version__, checkpoint, data, masking, measure, models, progress, pruning, tracking, training
 
 # resolve and run_name are defined in config (torch-free); sweep imports them from here too.
 from prunetrack.config import JobConfig, resolve, run_name
@@ -276,7 +276,7 @@ def prune(s: Setup, cfg: JobConfig, device: torch.device) -> dict:
             lambda: pruning.prune(s.model, p.pruner, p.compression, batches, scope=p.scope, iterations=p.iterations,
                                   schedule=p.schedule, invert=p.invert, shuffle=p.shuffle, seed=cfg.run.seed,
                                   mode=p.prune_mode,
-                                  progress=training.Progress(f"pruning with {p.pruner}", p.iterations, unit="round")),
+                                  progress=progress.Progress(f"pruning with {p.pruner}", p.iterations, unit="round")),
             repeats=1, warmup=0, device=device)
         result, pruning_time = timed.result, timed.median
     if p.reinit:  # ablation: same masks, fresh weights

@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import sys
 import time
 from typing import Callable
 
@@ -13,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunetrack import config, masking
+from prunetrack.progress import Progress, clock
 
 # The registry of named choices: name -> optimizer(params, lr, weight_decay, fused).
 # `fused` runs the whole update in a few kernels instead of several per parameter
@@ -144,25 +144,6 @@ def evaluate(model: nn.Module, batches, precision: str = "fp32",
     return {"loss": float(loss) / n, "top1": 100.0 * int(top1) / n, "top5": 100.0 * int(top5) / n}
 
 
-class Progress:
-    """Prints a line at most every `every` seconds while long work runs: where it is,
-    throughput (when told how many images were seen) and an estimate of the time left."""
-
-    def __init__(self, label: str, total: int, every: float = 10.0, stream=sys.stderr, unit: str = "batch"):
-        self.label, self.total, self.every, self.stream, self.unit = label, total, every, stream, unit
-        self.start = self.last = time.perf_counter()
-
-    def __call__(self, done: int, seen: int = 0) -> None:
-        now = time.perf_counter()
-        if now - self.last < self.every or done == self.total:
-            return
-        self.last = now
-        rate = f", {seen / (now - self.start):.0f} img/s" if seen else ""
-        left = (now - self.start) / done * (self.total - done)
-        print(f"  {self.label}: {self.unit} {done}/{self.total}{rate}, ~{left:.0f}s left",
-              file=self.stream, flush=True)
-
-
 class Diverged(FloatingPointError):
     """The training loss of an epoch is not finite: the weights are lost, so the job stops."""
 
@@ -199,8 +180,3 @@ def fit(model: nn.Module, train_batches, test_batches, epochs: int, opt, sched,
         if on_epoch(epoch, metrics):
             break
     return epoch
-
-
-def clock(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"

@@ -17,7 +17,8 @@ import yaml
 from click.testing import CliRunner
 from conftest import REPO
 
-from prunetrack import cli, pruning, sweep, tracking
+from prunetrack import cli, executors, pruning, sweep, tracking
+from prunetrack import spec as specs
 
 # A cell: a real job, as small as it gets.
 TINY = dict(dataset="synthetic", model="resnet20", post_epochs=1, train_subset=200, test_subset=100,
@@ -53,8 +54,8 @@ def parents(experiment="sweeps"):
 def bad(tmp_path, raw) -> str:
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    with pytest.raises(sweep.SpecError) as e:
-        sweep.load_spec(str(path))
+    with pytest.raises(specs.SpecError) as e:
+        specs.load_spec(str(path))
     return str(e.value)
 
 
@@ -74,21 +75,21 @@ def test_spec_errors_name_the_bad_key(tmp_path):
 
 
 def test_non_finite_values_are_refused_naming_the_cell():
-    with pytest.raises(sweep.SpecError, match=r"cell lr=nan: lr must be a finite number"):
-        sweep.parse_spec({"grid": {"lr": [float("nan")]}})
-    with pytest.raises(sweep.SpecError, match=r"cell seed=0: compression must be a finite number"):
-        sweep.parse_spec({"base": {"compression": "inf"}, "grid": {"seed": [0]}})
+    with pytest.raises(specs.SpecError, match=r"cell lr=nan: lr must be a finite number"):
+        specs.parse_spec({"grid": {"lr": [float("nan")]}})
+    with pytest.raises(specs.SpecError, match=r"cell seed=0: compression must be a finite number"):
+        specs.parse_spec({"base": {"compression": "inf"}, "grid": {"seed": [0]}})
 
 
 def test_spec_without_a_grid_is_refused(tmp_path):
     for raw in ({"name": "x", "grid": {}}, {"name": "x"}, {"name": "x", "base": {"model": "resnet20"}}):
-        with pytest.raises(sweep.SpecError, match=r"spec 'x' has no grid: list at least one axis"):
-            sweep.parse_spec(raw)
+        with pytest.raises(specs.SpecError, match=r"spec 'x' has no grid: list at least one axis"):
+            specs.parse_spec(raw)
     assert "spec 'bad' has no grid" in bad(tmp_path, {"base": {"model": "resnet20"}})  # named after the file
 
 
 def test_grid_expands_with_overrides(tmp_path):
-    spec = sweep.load_spec(write_spec(tmp_path, {"pruner": ["rand", "mag"], "compression": [2, 10], "lr": [0.01]},
+    spec = specs.load_spec(write_spec(tmp_path, {"pruner": ["rand", "mag"], "compression": [2, 10], "lr": [0.01]},
                                       overrides=[{"when": {"pruner": "mag"}, "set": {"pre_epochs": 3}}]))
     assert [c.key for c in spec.cells] == [
         "pruner=rand,compression=2,lr=0.01", "pruner=rand,compression=10,lr=0.01",
@@ -98,7 +99,7 @@ def test_grid_expands_with_overrides(tmp_path):
     assert spec.cells[3].config.prune.compression == 10.0 and spec.cells[3].config.run.experiment == "sweeps"
     assert len({c.config_hash for c in spec.cells}) == 4
     # The cell's command line carries every field, so the job computes the same hash.
-    cmd = sweep.cell_command(spec.cells[2])
+    cmd = executors.cell_command(spec.cells[2])
     assert cmd[cmd.index("--pre-epochs") + 1] == "3" and cmd[cmd.index("--pruner") + 1] == "mag"
 
 
@@ -118,12 +119,12 @@ def test_study_specs_cover_the_study():
     missing = [p for p in ("rand", "mag", "snip", "grasp", "synflow") if p not in pruning.PRUNERS]
     if missing:
         pytest.skip(f"pruners not registered here: {', '.join(missing)}")
-    vgg = sweep.load_spec(os.path.join(REPO, "sweeps", "study_vgg16.yaml"))
+    vgg = specs.load_spec(os.path.join(REPO, "sweeps", "study_vgg16.yaml"))
     assert len(vgg.cells) == 30
     assert {c.config.prune.compression for c in vgg.cells} == {1, 2, 5, 10, 15, 20}
     assert {c.config.train.pre_epochs for c in vgg.cells if c.config.prune.pruner == "mag"} == {200}
     assert {c.config.train.pre_epochs for c in vgg.cells if c.config.prune.pruner != "mag"} == {0}
-    resnet = sweep.load_spec(os.path.join(REPO, "sweeps", "study_resnet50.yaml"))
+    resnet = specs.load_spec(os.path.join(REPO, "sweeps", "study_resnet50.yaml"))
     assert len(resnet.cells) == 5 and {c.config.model.model for c in resnet.cells} == {"resnet50"}
 
 
@@ -153,7 +154,7 @@ def test_killed_sweep_resumes_only_missing_cells(tmp_path, mlflow_store):
     assert all(r.info.status != "RUNNING" for r in runs()), "a kill left a run RUNNING"
     assert [r.info.status for r in parents()] == ["KILLED"]
 
-    summary = sweep.run_sweep(sweep.load_spec(path))
+    summary = sweep.run_sweep(specs.load_spec(path))
     assert [r.status for r in summary.results].count("skipped") == 1
     assert [r.status for r in summary.results].count("finished") == 2
     finished = [r for r in children() if r.info.status == "FINISHED"]
@@ -169,7 +170,7 @@ def test_killed_sweep_resumes_only_missing_cells(tmp_path, mlflow_store):
     assert parent.data.metrics["cells_skipped"] == 1 and parent.data.metrics["cells_finished"] == 2
 
     # Once the grid is full, running the sweep again runs nothing.
-    again = sweep.run_sweep(sweep.load_spec(path))
+    again = sweep.run_sweep(specs.load_spec(path))
     assert {r.status for r in again.results} == {"skipped"}
     assert len([r for r in children() if r.info.status == "FINISHED"]) == 3
 
@@ -197,7 +198,7 @@ def test_failing_cell_is_reported_and_others_finish(tmp_path, mlflow_store):
 @pytest.mark.slow
 def test_parallel_cells_on_one_sqlite_store(tmp_path, mlflow_store):
     path = write_spec(tmp_path, {"seed": [0, 1]}, name="par")
-    summary = sweep.run_sweep(sweep.load_spec(path), parallel=2)
+    summary = sweep.run_sweep(specs.load_spec(path), parallel=2)
     assert [r.status for r in summary.results] == ["finished", "finished"]
     assert mlflow.get_tracking_uri() == mlflow_store and os.environ["MLFLOW_TRACKING_URI"] == mlflow_store
     done = children()
@@ -214,7 +215,7 @@ def test_ray_executor_runs_two_cells(tmp_path, mlflow_store):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}})
     try:
-        summary = sweep.run_sweep(sweep.load_spec(path), executor="ray")
+        summary = sweep.run_sweep(specs.load_spec(path), executor="ray")
     finally:
         ray.shutdown()
     assert [r.status for r in summary.results] == ["finished", "finished"]
@@ -232,7 +233,7 @@ def test_parallel_cells_are_pinned_to_distinct_gpus(tmp_path, monkeypatch):
     import threading
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
-    spec = sweep.load_spec(write_spec(tmp_path, {"seed": [0, 1, 2, 3]}))
+    spec = specs.load_spec(write_spec(tmp_path, {"seed": [0, 1, 2, 3]}))
     lock, running, seen = threading.Lock(), {}, []
 
     def fake_cell(command, env, on_line=None, started=None):
@@ -245,9 +246,9 @@ def test_parallel_cells_are_pinned_to_distinct_gpus(tmp_path, monkeypatch):
             del running[command[command.index("--seed") + 1]]
         return 0, ""
 
-    monkeypatch.setattr(sweep, "run_cell_process", fake_cell)
+    monkeypatch.setattr(executors, "run_cell_process", fake_cell)
     envs = {c.key: {} for c in spec.cells}
-    results = list(sweep.run_local(spec.cells, envs, parallel=2, on_start=lambda cell, where: None))
+    results = list(executors.run_local(spec.cells, envs, parallel=2, on_start=lambda cell, where: None))
     assert sorted(r.cell.key for r in results) == ["seed=0", "seed=1", "seed=2", "seed=3"]
     assert all(r.status == "finished" for r in results)
     assert sorted(seen) == ["3", "3", "5", "5"]
@@ -259,7 +260,7 @@ def test_runs_left_running_by_dead_processes_are_closed(tmp_path, mlflow_store, 
     import socket
 
     path = write_spec(tmp_path, {"seed": [0]}, name="dead")
-    spec = sweep.load_spec(path)
+    spec = specs.load_spec(path)
     client = mlflow.MlflowClient()
     exp = client.create_experiment("sweeps")
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -277,7 +278,7 @@ def test_runs_left_running_by_dead_processes_are_closed(tmp_path, mlflow_store, 
             client.set_tag(killed.info.run_id, key, value)
         return -9, "Killed\n"
 
-    monkeypatch.setattr(sweep, "run_cell_process", oom_cell)
+    monkeypatch.setattr(executors, "run_cell_process", oom_cell)
     with pytest.raises(sweep.SweepFailed):
         sweep.run_sweep(spec)
     assert client.get_run(stale.info.run_id).info.status == "KILLED"
@@ -295,7 +296,7 @@ def test_sweep_killed_mid_cell_resumes_that_cell_in_the_same_run(tmp_path, mlflo
 
     path = write_spec(tmp_path, {"compression": [5]}, name="k9", base={"post_epochs": 5, "batch_size": 20,
                                                                        "precision": "fp32"})
-    cell = sweep.load_spec(path).cells[0]
+    cell = specs.load_spec(path).cells[0]
     progress = os.path.join(checkpoint.root(), cell.config_hash, checkpoint.PROGRESS)
     proc, mark = _start_sweep(tmp_path, path)
     try:
@@ -313,7 +314,7 @@ def test_sweep_killed_mid_cell_resumes_that_cell_in_the_same_run(tmp_path, mlflo
     assert 2 <= done < 5
     [killed] = children()
     capfd.readouterr()
-    summary = sweep.run_sweep(sweep.load_spec(path))
+    summary = sweep.run_sweep(specs.load_spec(path))
     out = capfd.readouterr().out
     assert [r.status for r in summary.results] == ["finished"]
     assert summary.results[0].run_id == killed.info.run_id  # the same run, continued
@@ -393,7 +394,7 @@ def test_cell_of_a_sweep_killed_outright_stops_itself(tmp_path, mlflow_store):
     from prunetrack import checkpoint
 
     path = write_spec(tmp_path, {"seed": [0]}, name="orphan", base={"post_epochs": 50})
-    cell = sweep.load_spec(path).cells[0]
+    cell = specs.load_spec(path).cells[0]
     proc, mark = _start_sweep(tmp_path, path)
     try:
         def training():
@@ -417,7 +418,7 @@ def test_cell_of_a_sweep_killed_outright_stops_itself(tmp_path, mlflow_store):
 @pytest.mark.slow
 def test_magnitude_cells_of_a_sweep_share_one_pretraining(tmp_path, mlflow_store):
     path = write_spec(tmp_path, {"compression": [2, 5, 10]}, name="mag", base={"pruner": "mag", "pre_epochs": 1})
-    summary = sweep.run_sweep(sweep.load_spec(path))
+    summary = sweep.run_sweep(specs.load_spec(path))
     assert [r.status for r in summary.results] == ["finished"] * 4  # the pre-training, then the cells
     pre = [r for r in runs() if r.data.tags.get("prunetrack.kind") == "pretrain"]
     assert len(pre) == 1 and pre[0].info.status == "FINISHED"
