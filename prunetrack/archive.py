@@ -31,7 +31,7 @@ from typing import Callable
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from prunetrack import tracking
+from prunetrack import store, tracking
 
 FORMAT = "prunetrack-runs-v1"
 ARTIFACTS = ("config.yaml", "layers.json", "histograms.json", "score_summary.json")
@@ -77,9 +77,9 @@ def _artifact_texts(client: MlflowClient, run_id: str, present: set[str]) -> dic
 def export_runs(experiment: str, path: str, echo: Callable[[str], None] = lambda line: None) -> ExportSummary:
     """Write every run of `experiment` except report runs and runs still RUNNING."""
     try:
-        tracking.check_tracking(mlflow.get_tracking_uri())
-        exp = tracking.find_experiment(experiment)
-    except tracking.TrackingError as e:
+        store.check_tracking(mlflow.get_tracking_uri())
+        exp = store.find_experiment(experiment)
+    except store.TrackingError as e:
         raise ArchiveError(str(e)) from None
     client = MlflowClient()
     runs = mlflow.search_runs(experiment_ids=[exp.experiment_id], output_format="list",
@@ -197,15 +197,15 @@ def import_runs(path: str, experiment: str | None = None,
     header, records = read_export(path)
     name = experiment or header["experiment"]
     try:
-        tracking.check_tracking(mlflow.get_tracking_uri())
-    except tracking.TrackingError as e:
+        store.check_tracking(mlflow.get_tracking_uri())
+    except store.TrackingError as e:
         raise ArchiveError(str(e)) from None
     client = MlflowClient()
     exp = client.get_experiment_by_name(name)
     if exp is not None and exp.lifecycle_stage != "active":
         raise ArchiveError(f"experiment {name!r} is deleted: restore it (`mlflow experiments restore "
                            f"--experiment-id {exp.experiment_id}`) or import with --experiment OTHER_NAME")
-    exp_id = exp.experiment_id if exp is not None else tracking.experiment_id(name)
+    exp_id = exp.experiment_id if exp is not None else store.experiment_id(name)
     here = mlflow.search_runs(experiment_ids=[exp_id], output_format="list")
     # A run is already here when it was imported before, or when this store is the one it
     # was made in (a study exports its own store and imports the committed file back).

@@ -53,7 +53,7 @@ def prune(**values):
     """
     from prunetrack.checkpoint import CheckpointBusy
     from prunetrack.job import run_job
-    from prunetrack.tracking import TrackingError
+    from prunetrack.store import TrackingError
 
     cfg, device = _prepared(values)
     try:
@@ -74,7 +74,7 @@ def pretrain(**values):
       prunetrack pretrain --model vgg16 --pre-epochs 200 --pre-patience 5
     """
     from prunetrack import pretrain as pretraining
-    from prunetrack.tracking import TrackingError
+    from prunetrack.store import TrackingError
 
     cfg, device = _prepared(values)
     if not cfg.train.pre_epochs:
@@ -170,7 +170,7 @@ def sweep(spec, parallel, executor, ray_address, dry_run):
     """
     from prunetrack import sweep as sweeps
     from prunetrack.spec import SpecError, load_spec
-    from prunetrack.tracking import TrackingError
+    from prunetrack.store import TrackingError
 
     try:
         loaded = load_spec(spec)
@@ -202,11 +202,11 @@ def time_cmd(experiment, rounds, batch_size, device, data_dir, models):
     Example:
       prunetrack time --experiment study --rounds 5
     """
-    from prunetrack import timing, tracking
+    from prunetrack import store, timing
 
     try:
         timing.time_runs(experiment, rounds, batch_size, device, data_dir, models, echo=click.echo)
-    except (tracking.TrackingError, ValueError, FileNotFoundError) as e:
+    except (store.TrackingError, ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
 
 

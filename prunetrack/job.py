@@ -18,7 +18,19 @@ import mlflow
 import numpy as np
 import torch
 
-from prunetrack import __version__, checkpoint, data, masking, measure, models, progress, pruning, tracking, training
+from prunetrack import (
+    __version__,
+    checkpoint,
+    data,
+    masking,
+    measure,
+    models,
+    progress,
+    pruning,
+    store,
+    tracking,
+    training,
+)
 
 # resolve and run_name are defined in config (torch-free); sweep imports them from here too.
 from prunetrack.config import JobConfig, resolve, run_name
@@ -167,7 +179,7 @@ def run_job(cfg: JobConfig, device: torch.device | None = None) -> str:
         device = prepare(cfg)
     p, t = cfg.prune, cfg.train
     name = run_name(cfg)
-    tracking.prepare_store()  # a dead server fails here, in seconds; a new SQLite store is created once
+    store.prepare_store()  # a dead server fails here, in seconds; a new SQLite store is created once
 
     # 0. Starting weights: a shared pre-training (run once, in a run of its own), or any
     #    trained weights the user names.

@@ -10,12 +10,11 @@ pre-training checkpoints every epoch and resumes after an interruption.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
 
-from prunetrack import checkpoint, data, masking, tracking
+from prunetrack import checkpoint, data, masking, store, tracking
 from prunetrack.config import PRETRAIN_FIELDS, JobConfig
 
 
@@ -29,7 +28,7 @@ def experiment_of(cfg: JobConfig) -> str:
 def obtain(cfg: JobConfig, device: torch.device) -> str:
     """The run id of the FINISHED pre-training `cfg` asks for, running it first if there
     is none. Two jobs that need the same one at once: the second waits for the first."""
-    tracking.prepare_store()
+    store.prepare_store()
     experiment, key = experiment_of(cfg), cfg.pretrain_hash()
     found = tracking.find_pretrain(experiment, key)
     if found:
@@ -44,17 +43,6 @@ def obtain(cfg: JobConfig, device: torch.device) -> str:
         return run_pretrain(cfg, device, experiment, ckpt)
 
 
-@contextlib.contextmanager
-def _outside_mlflow_run():
-    """Under `mlflow run`, MLFLOW_RUN_ID names the job's run; the pre-training is another."""
-    saved = os.environ.pop("MLFLOW_RUN_ID", None)
-    try:
-        yield
-    finally:
-        if saved is not None:
-            os.environ["MLFLOW_RUN_ID"] = saved
-
-
 def run_pretrain(cfg: JobConfig, device: torch.device, experiment: str, ckpt: checkpoint.Checkpoint) -> str:
     from prunetrack import job, training
 
@@ -64,7 +52,8 @@ def run_pretrain(cfg: JobConfig, device: torch.device, experiment: str, ckpt: ch
     state = ckpt.load()
     resume_id = tracking.resumable(state["run_id"]) if state else None
     name = f"{cfg.model.model}-pretrain-{t.pre_epochs}ep-s{cfg.run.seed}"
-    with _outside_mlflow_run(), tracking.job_run(
+    # Under `mlflow run`, MLFLOW_RUN_ID names the job's run; the pre-training is another.
+    with store.environ(MLFLOW_RUN_ID=None), tracking.job_run(
             experiment, name, tags={tracking.KIND_TAG: "pretrain", "pretrain_hash": cfg.pretrain_hash()},
             resume_run_id=resume_id, system_metrics=True) as run:
         run_id = run.info.run_id

@@ -18,7 +18,7 @@ from typing import Callable
 
 import yaml
 
-from prunetrack import interrupts, servers, tracking
+from prunetrack import interrupts, servers, store, tracking
 from prunetrack.executors import EXECUTORS, Result, cell_env, run_local, run_ray
 from prunetrack.progress import clock
 from prunetrack.spec import Cell, Spec
@@ -69,7 +69,7 @@ def run_sweep(spec: Spec, parallel: int = 1, executor: str = "local", ray_addres
         raise ValueError(f"parallel must be >= 1, got {parallel}")
     ray_address = ray_address or os.environ.get("RAY_ADDRESS") or None
     start = time.time()
-    tracking.prepare_store()  # before the cells, which would otherwise race to create a new SQLite store
+    store.prepare_store()  # before the cells, which would otherwise race to create a new SQLite store
     experiment = spec.experiment
     if os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run`: cells go next to the sweep's run
         experiment = tracking.experiment_of_run(os.environ["MLFLOW_RUN_ID"])
@@ -87,7 +87,7 @@ def run_sweep(spec: Spec, parallel: int = 1, executor: str = "local", ray_addres
         dry_run_table(spec, plan, done, parallel if executor == "local" else 1, echo)
         return Summary(spec.name, skipped + shared + [Result(c, "planned") for c in todo], time.time() - start)
 
-    if executor == "ray" and ray_address and not tracking.tracking_is_remote():
+    if executor == "ray" and ray_address and not store.tracking_is_remote():
         raise RuntimeError("cells on a Ray cluster need a tracking server every node can reach: "
                            "set MLFLOW_TRACKING_URI to it (http://host:port), not a local store")
     host = socket.gethostname()

@@ -22,7 +22,7 @@ from typing import Callable
 import mlflow
 import torch
 
-from prunetrack import data, masking, measure, models, tracking, training
+from prunetrack import data, masking, measure, models, store, tracking, training
 
 
 @dataclass
@@ -37,7 +37,7 @@ class Timed:
 
 def finished_prune_runs(experiment: str, models_: list[str] | None = None) -> list:
     """The FINISHED prune runs of `experiment` (not pre-training or report runs)."""
-    exp = tracking.find_experiment(experiment)
+    exp = store.find_experiment(experiment)
     runs = mlflow.MlflowClient().search_runs([exp.experiment_id], "attributes.status = 'FINISHED'",
                                              max_results=5000, order_by=["attributes.start_time ASC"])
     out = [r for r in runs if tracking.KIND_TAG not in r.data.tags and "pruner" in r.data.tags]
@@ -55,7 +55,7 @@ def time_runs(experiment: str, rounds: int = 5, batch_size: int = 256, device: s
     dev = resolve_device(device)
     runs = finished_prune_runs(experiment, models_)
     if not runs:
-        raise tracking.TrackingError(f"experiment {experiment!r} has no FINISHED prune runs to time")
+        raise store.TrackingError(f"experiment {experiment!r} has no FINISHED prune runs to time")
     load = os.getloadavg()[0]
     if load > 0.5 * (os.cpu_count() or 1):
         echo(f"WARNING: load average {load:.2f} on {os.cpu_count()} CPUs: something else is running, and the "

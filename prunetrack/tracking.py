@@ -16,7 +16,6 @@ import subprocess
 import tempfile
 import time
 import traceback
-import urllib.parse
 from typing import Any
 
 import mlflow
@@ -24,7 +23,7 @@ import torch
 import yaml
 from mlflow.entities import Metric, Param, RunTag
 
-from prunetrack import interrupts, masking
+from prunetrack import interrupts, masking, store
 
 
 def git_commit() -> str:
@@ -56,25 +55,6 @@ def env_tags() -> dict[str, str]:
     if not isinstance(tags, dict):
         raise ValueError(f"{RUN_TAGS_ENV} must be a JSON object of tags, got {raw!r}")
     return {str(k): str(v) for k, v in tags.items()}
-
-
-def experiment_id(name: str) -> str:
-    """The id of the active experiment `name`, created if it does not exist. Runs are
-    started with this id, not through mlflow.set_experiment, whose look-up-then-create
-    races when several jobs start at once (a loser's run landed in Default)."""
-    client = mlflow.MlflowClient()
-    for _ in range(5):
-        exp = client.get_experiment_by_name(name)
-        if exp is not None:
-            if exp.lifecycle_stage != "active":
-                raise TrackingError(f"experiment {name!r} is deleted; restore it (mlflow experiments restore "
-                                    f"--experiment-id {exp.experiment_id}) or choose another name")
-            return exp.experiment_id
-        try:
-            return client.create_experiment(name)
-        except mlflow.exceptions.MlflowException:  # another job created it meanwhile: look it up again
-            continue
-    raise TrackingError(f"cannot create or find experiment {name!r} at {public_uri(mlflow.get_tracking_uri())}")
 
 
 def resumable(run_id: str | None) -> str | None:
@@ -113,7 +93,7 @@ def job_run(experiment: str, run_name: str, tags: dict[str, Any] | None = None, 
             elif resume_run_id:
                 run = mlflow.start_run(run_id=resume_run_id, tags=tags or None, log_system_metrics=sample)
             else:
-                run = mlflow.start_run(experiment_id=experiment_id(experiment), run_name=run_name, tags=tags or None,
+                run = mlflow.start_run(experiment_id=store.experiment_id(experiment), run_name=run_name, tags=tags or None,
                                        log_system_metrics=sample)
             yield run
         except BaseException as e:
@@ -204,12 +184,12 @@ def load_weights(source: str) -> dict[str, torch.Tensor]:
         try:
             path = mlflow.artifacts.download_artifacts(artifact_uri=uri)
         except Exception as e:
-            raise TrackingError(f"cannot load weights from {source!r} ({type(e).__name__}: {str(e)[:300]}); "
+            raise store.TrackingError(f"cannot load weights from {source!r} ({type(e).__name__}: {str(e)[:300]}); "
                              f"init_from takes a run id, runs:/<run_id> of a run that logged weights.pt, or "
                              f"a path to such a file") from None
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
-        raise TrackingError(f"{source!r} does not hold a state dict of weights")
+        raise store.TrackingError(f"{source!r} does not hold a state dict of weights")
     return state
 
 
@@ -332,91 +312,6 @@ def import_run(experiment_id: str, record: dict, tags: dict[str, str]) -> str:
 KIND_TAG = "prunetrack.kind"
 
 
-class TrackingError(RuntimeError):
-    """A tracking problem the user can fix: a server that does not answer, a wrong experiment."""
-
-
-def public_uri(uri: str) -> str:
-    """The tracking URI without any user:password."""
-    parts = urllib.parse.urlsplit(uri)
-    if not (parts.username or parts.password):
-        return uri
-    return urllib.parse.urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
-
-
-@contextlib.contextmanager
-def _env(**values):
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def check_tracking(uri: str, timeout: int = 5) -> None:
-    """Fail fast, naming the URI, when a tracking server does not answer; MLflow's own
-    defaults retry for minutes."""
-    if not uri.startswith(("http://", "https://")):
-        return
-    with _env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT=str(timeout)):
-        try:
-            mlflow.MlflowClient(uri).search_experiments(max_results=1)
-        except Exception as e:
-            reason = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
-            raise TrackingError(f"the tracking server at {public_uri(uri)} does not answer ({reason}). "
-                                f"Start it, or point MLFLOW_TRACKING_URI at a running one.") from None
-
-
-def prepare_store(uri: str | None = None) -> None:
-    """Make the tracking store ready before a job touches it: a server must answer
-    (check_tracking), and a SQLite store is initialized by one process at a time.
-
-    MLflow creates a SQLite store's tables and runs its migrations the first time a
-    process opens it; several jobs started together on a file that does not exist yet
-    all do so at once and leave it broken. So the first access happens here, under an
-    exclusive lock on `<db>.lock` beside the database; later jobs find it ready."""
-    uri = uri or mlflow.get_tracking_uri()
-    check_tracking(uri)
-    if not uri.startswith("sqlite:"):
-        return
-    import fcntl
-
-    import sqlalchemy.engine
-
-    path = sqlalchemy.engine.make_url(uri).database
-    if not path or path == ":memory:" or not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-        return  # nothing to share, or a folder that does not exist: MLflow's own error says so
-    with open(path + ".lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
-        try:
-            mlflow.MlflowClient(uri).search_experiments(max_results=1)
-        except Exception as e:
-            if not any(s in str(e) for s in ("_alembic_tmp_", "already exists", "alembic_version")):
-                raise
-            reason = str(e).splitlines()[0][:300]
-            raise TrackingError(
-                f"the tracking database {os.path.abspath(path)} was left half-initialized ({reason}), e.g. by "
-                f"jobs that created it at the same time. If it holds no runs, delete it and start again with a "
-                f"fresh file; otherwise drop the leftover _alembic_tmp_* table (sqlite3 {path} \".tables\", "
-                f"then DROP TABLE _alembic_tmp_<name>) and run `mlflow db upgrade {uri}`.") from None
-
-
-def find_experiment(name: str):
-    """The active experiment `name`; TrackingError listing the existing ones otherwise."""
-    client = mlflow.MlflowClient()
-    exp = client.get_experiment_by_name(name)
-    if exp is None or exp.lifecycle_stage != "active":
-        names = sorted(e.name for e in client.search_experiments())
-        raise TrackingError(f"no experiment named {name!r} at {public_uri(mlflow.get_tracking_uri())}; "
-                            f"existing experiments: {', '.join(names) or '(none)'}")
-    return exp
-
-
 # ---------------------------------------------------------------------------- sweeps
 
 def experiment_of_run(run_id: str) -> str:
@@ -499,8 +394,3 @@ def close_stale_sweeps(experiment: str, sweep: str, host: str, alive) -> list[st
             client.set_terminated(run.info.run_id, "KILLED")
             closed.append(run.info.run_id)
     return closed
-
-
-def tracking_is_remote() -> bool:
-    """Whether the tracking URI is a server other machines could reach."""
-    return mlflow.get_tracking_uri().startswith(("http://", "https://", "databricks"))

@@ -8,7 +8,7 @@ import mlflow
 import pytest
 import torch
 
-from prunetrack import load_masks, masking, models, tracking, training
+from prunetrack import load_masks, masking, models, store, tracking, training
 from prunetrack.config import JobConfig
 from prunetrack.job import run_job
 from tests.conftest import REPO, SMOKE
@@ -148,7 +148,7 @@ def test_mlflow_run_interrupted_stops_the_trainer_and_marks_the_run(mlflow_store
 
     args, env = _mlflow_run_args("model=resnet20", "dataset=synthetic", "post_epochs=500", "train_subset=200",
                                  "test_subset=100")
-    tracking.prepare_store()  # created here, before both processes open it
+    store.prepare_store()  # created here, before both processes open it
     log = open(tmp_path / "mlflow-run.log", "w")
     proc = subprocess.Popen(args, env=env, cwd=tmp_path, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -266,8 +266,8 @@ def test_half_initialized_sqlite_store_is_named_with_the_repair(tmp_path):
     with sqlite3.connect(db) as c:  # back to the first migration, with one table missing: as if cut short
         c.execute("UPDATE alembic_version SET version_num = '451aebb31d03'")
         c.execute("DROP TABLE trace_info")
-    with pytest.raises(tracking.TrackingError) as e:
-        tracking.prepare_store(f"sqlite:///{db}")
+    with pytest.raises(store.TrackingError) as e:
+        store.prepare_store(f"sqlite:///{db}")
     assert str(db) in str(e.value) and "already exists" in str(e.value)
     assert "mlflow db upgrade" in str(e.value) and "fresh file" in str(e.value)
 

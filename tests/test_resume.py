@@ -13,7 +13,7 @@ import mlflow
 import pytest
 import torch
 
-from prunetrack import checkpoint, job, load_masks, tracking
+from prunetrack import checkpoint, job, load_masks, store, tracking
 from prunetrack.config import JobConfig
 from prunetrack.job import run_job
 from tests.conftest import REPO, SMOKE
@@ -222,6 +222,6 @@ def test_checkpoints_written_before_the_mask_rename_resume(tmp_path):
 
 
 def test_init_from_a_run_without_weights_is_refused_before_any_run(mlflow_store):
-    with pytest.raises(tracking.TrackingError, match="cannot load weights from 'nosuchrun'"):
+    with pytest.raises(store.TrackingError, match="cannot load weights from 'nosuchrun'"):
         run_job(_job(init_from="nosuchrun"))
     assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []

@@ -12,7 +12,7 @@ import mlflow
 import pytest
 import yaml
 
-from prunetrack import interrupts, servers, tracking
+from prunetrack import interrupts, servers, store, tracking
 
 
 def client() -> mlflow.MlflowClient:
@@ -154,21 +154,21 @@ def test_log_to_finished_run_leaves_it_finished(mlflow_store):
 # ---------------------------------------------------------------------------- experiments and the store
 
 def test_experiment_id_creates_once_and_refuses_a_deleted_one(mlflow_store):
-    first = tracking.experiment_id("e")
-    assert tracking.experiment_id("e") == first
+    first = store.experiment_id("e")
+    assert store.experiment_id("e") == first
     assert [e.experiment_id for e in client().search_experiments() if e.name == "e"] == [first]
     client().delete_experiment(first)
-    with pytest.raises(tracking.TrackingError, match=rf"experiment 'e' is deleted; restore it \(mlflow experiments "
+    with pytest.raises(store.TrackingError, match=rf"experiment 'e' is deleted; restore it \(mlflow experiments "
                                                      rf"restore --experiment-id {first}\) or choose another name"):
-        tracking.experiment_id("e")
+        store.experiment_id("e")
 
 
 def test_check_tracking_on_a_closed_port_fails_within_seconds(monkeypatch):
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
     port = servers._free_port()  # free: nothing listens there
     start = time.time()
-    with pytest.raises(tracking.TrackingError, match=rf"http://127.0.0.1:{port} does not answer"):
-        tracking.check_tracking(f"http://127.0.0.1:{port}", timeout=2)
+    with pytest.raises(store.TrackingError, match=rf"http://127.0.0.1:{port} does not answer"):
+        store.check_tracking(f"http://127.0.0.1:{port}", timeout=2)
     assert time.time() - start < 10
     assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ  # the fast settings were for the check only
 

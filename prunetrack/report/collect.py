@@ -13,7 +13,7 @@ from collections import Counter, defaultdict
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from prunetrack import tracking
+from prunetrack import store
 from prunetrack.report.records import (
     ABLATIONS,
     ACCURACY,
@@ -32,7 +32,8 @@ from prunetrack.report.records import (
     Run,
     Study,
 )
-from prunetrack.tracking import KIND_TAG, outcome, public_uri
+from prunetrack.store import public_uri
+from prunetrack.tracking import KIND_TAG, outcome
 
 
 def load_runs(experiment_id: str) -> tuple[list[Run], Counter, dict[str, Pretrain]]:
@@ -233,9 +234,9 @@ def collect(opts: ReportOptions) -> Study:
     """Query the tracking server once into the study's records."""
     uri = mlflow.get_tracking_uri()
     try:
-        tracking.check_tracking(uri)
-        exp = tracking.find_experiment(opts.experiment)
-    except tracking.TrackingError as e:
+        store.check_tracking(uri)
+        exp = store.find_experiment(opts.experiment)
+    except store.TrackingError as e:
         raise ReportError(str(e)) from None
     runs, skipped, pretrains = load_runs(exp.experiment_id)
     study = group(opts, runs, exp.experiment_id, public_uri(uri), skipped, pretrains)
