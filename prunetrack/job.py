@@ -229,7 +229,8 @@ def run_job(cfg: JobConfig, device: torch.device | None = None) -> str:
                 pruned = prune(s, cfg, device)
             else:
                 pruned = state["extra"]
-                s.model.load_state_dict(state["model"])
+                # The masks now, to count and log them; train_phase restores the weights and the rest.
+                masking.set_masks(s.model, masking.masks_in(state["model"]))
             prunable, remaining = masking.count(s.model)
             print(f"pruned with {p.pruner} in {pruned['pruning_time']:.2f}s: {remaining}/{prunable} prunable "
                   f"weights kept (density {remaining / prunable:.4f})", flush=True)

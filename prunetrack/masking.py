@@ -26,6 +26,11 @@ def is_mask_key(key: str) -> bool:
     return key.rsplit(".", 1)[-1] == MASK
 
 
+def masks_in(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Layer name -> mask, from a model's state dict."""
+    return {k[:-len(MASK) - 1]: v for k, v in state.items() if is_mask_key(k)}
+
+
 def prunable_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Name -> module for every layer whose weight may be pruned, in model order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, PRUNABLE)}

@@ -135,7 +135,7 @@ def test_prune_validates_the_configuration_once(mlflow_store, monkeypatch):
     def stop():  # the first step after the preparation: nothing more needs to run
         raise Stop
 
-    monkeypatch.setattr(job.tracking, "prepare_store", stop)
+    monkeypatch.setattr(job.store, "prepare_store", stop)
     result = CliRunner().invoke(cli, ["prune", "--dataset", "synthetic", "--device", "cpu"])
     assert isinstance(result.exception, Stop), result.output
     assert len(calls) == 1
