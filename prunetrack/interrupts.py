@@ -40,10 +40,9 @@ def _is_mlflow_run(pid: int) -> bool:
 @functools.cache
 def watched_parent() -> tuple[int, str] | None:
     """(pid, what) of the parent whose death stops this job, or None. Decided once per
-    process, before anything changes the environment (the pre-training hides
-    MLFLOW_RUN_ID). `mlflow run` execs the entry point's command, so the job's parent is
-    the `mlflow run` process: when that one is SIGTERMed it exits at once and leaves its
-    run RUNNING and the trainer alone."""
+    process: once the parent has died, getppid() names another process. `mlflow run` execs
+    the entry point's command, so the job's parent is the `mlflow run` process: when that
+    one is SIGTERMed it exits at once and leaves its run RUNNING and the trainer alone."""
     if os.environ.get(PARENT_PID_ENV):
         return int(os.environ[PARENT_PID_ENV]), "the sweep process"
     if _is_mlflow_run(os.getppid()):
