@@ -166,6 +166,20 @@ def test_loss_curves_in_words():
         "last 1 epoch (epoch 1 to 2) it changed by -25.0%, to 1.5000; train loss 1.4000 at epoch 2."]
 
 
+def test_loss_still_falling_for_every_pruner_is_called_not_levelled_off():
+    def falling(pruner, drop):
+        test = [2.0, 1.5, 1.2, 1.0, 0.9, 0.85, 0.8, 0.8 * (1 - drop / 3), 0.8 * (1 - 2 * drop / 3), 0.8 * (1 - drop)]
+        return make_run(pruner, 10, metrics={"test_accuracy": 50.0}, histories={"test_loss": list(enumerate(test, 1))})
+
+    s = study([falling("rand", 0.09), falling("snip", 0.25)], pruners=("rand", "snip"))
+    assert findings.loss_findings(s)[-1] == (
+        "- Not levelled off: at 10x the test loss of every pruner was still at its lowest on the last epoch and had "
+        "fallen by 9.0%-25.0% over the last 3 epochs, so the accuracies compare the pruners after an equal, short "
+        "training budget, not at convergence.")
+    levelled = study([falling("rand", 0.09), falling("snip", 0.01)], pruners=("rand", "snip"))
+    assert not findings.loss_findings(levelled)[-1].startswith("- Not levelled off")
+
+
 def test_settings_state_the_protocol_from_the_runs(tmp_path):
     runs = [make_run("rand", 1, metrics={"test_accuracy": 80.0}),
             make_run("synflow", 10, metrics={"test_accuracy": 60.0}), mag(10)]
@@ -196,7 +210,7 @@ def test_single_seed_ranking_calls_gaps_below_the_test_sets_sampling_error_withi
     assert "10,000 test images: ±1.13 points, 95%, for two accuracies near 79%" in noise  # their mean, 78.73
     assert ranking == ("- At 10x [ResNet20 · 10x], n=1 per pruner: Rand 80.00%, SNIP 79.20%, GraSP 77.00%. "
                        "**Rand** is highest; SNIP is within noise of it (0.80 points); GraSP (3.00 points) is below "
-                       "it by more than the noise.")
+                       "it by more than the test set's sampling error.")
 
 
 def test_with_seeds_the_ranking_states_n_and_spread_and_uses_the_seed_spread():

@@ -96,8 +96,9 @@ def ranking_findings(s: Study) -> list[str]:
                       f"{'is' if len(close) == 1 else 'are'} within noise of it "
                       f"({', '.join(f'{stats[best].mean - stats[p].mean:.2f}' for p in close)} points)")
         if apart:
+            beyond = "the noise" if noise.sd is not None else "the test set's sampling error"
             words += (f"; {join_words([f'{pruner_label(p)} ({stats[best].mean - stats[p].mean:.2f} points)' for p in apart])}"
-                      f" {'is' if len(apart) == 1 else 'are'} below it by more than the noise")
+                      f" {'is' if len(apart) == 1 else 'are'} below it by more than {beyond}")
         out.append(words + ".")
     if out:
         typical = statistics.fmean(st.mean for c in s.compressions for p in s.pruners
@@ -234,7 +235,7 @@ def mean_history(runs, key: str) -> list[tuple[int, float]]:
 def loss_findings(s: Study) -> list[str]:
     """Per pruner at the focus ratio: where the test loss is lowest and how much it still
     moved over the last 3 epochs, so the epoch count can be judged."""
-    M, F, out = s.main, s.opts.focus, []
+    M, F, out, falling = s.main, s.opts.focus, [], {}
     for p in s.pruners:
         runs = s.cell(M, p, F)
         if not runs:
@@ -255,7 +256,18 @@ def loss_findings(s: Study) -> list[str]:
         out.append(f"- Loss curves, {cell}: test loss lowest at epoch {best_epoch} of {last_epoch} ({best:.4f}); "
                    f"over the last {span} epoch{'s' * (span > 1)} (epoch {first_epoch} to {last_epoch}) it changed "
                    f"by {change:+.1%}, to {last:.4f}{tail}{over}.")
+        if span == 3 and best_epoch == last_epoch and change < -STILL_FALLING:
+            falling[p] = change
+    if falling and len(falling) == len(out):
+        lo, hi = min(falling.values(), key=abs), max(falling.values(), key=abs)
+        out.append(f"- Not levelled off: at {F:g}x the test loss of every pruner was still at its lowest on the "
+                   f"last epoch and had fallen by {abs(lo):.1%}-{abs(hi):.1%} over the last 3 epochs, so the accuracies "
+                   f"compare the pruners after an equal, short training budget, not at convergence.")
     return out
+
+
+# A test loss that fell by more than this over the last 3 epochs is still falling.
+STILL_FALLING = 0.02
 
 
 def _int(x) -> str:
