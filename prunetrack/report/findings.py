@@ -258,11 +258,15 @@ def loss_findings(s: Study) -> list[str]:
                    f"by {change:+.1%}, to {last:.4f}{tail}{over}.")
         if span == 3 and best_epoch == last_epoch and change < -STILL_FALLING:
             falling[p] = change
-    if falling and len(falling) == len(out):
+    if falling:
         lo, hi = min(falling.values(), key=abs), max(falling.values(), key=abs)
-        out.append(f"- Not levelled off: at {F:g}x the test loss of every pruner was still at its lowest on the "
-                   f"last epoch and had fallen by {abs(lo):.1%}-{abs(hi):.1%} over the last 3 epochs, so the accuracies "
-                   f"compare the pruners after an equal, short training budget, not at convergence.")
+        every = len(falling) == len(out)
+        who = "every pruner" if every else join_words([pruner_label(p) for p in falling])
+        spread = f"{abs(lo):.1%}" if len(falling) == 1 else f"{abs(lo):.1%}-{abs(hi):.1%}"
+        out.append(f"- Not levelled off: at {F:g}x the test loss of {who} was still at its lowest on the last epoch "
+                   f"and had fallen by {spread} over the last 3 epochs, so "
+                   + ("the accuracies compare the pruners" if every else "their accuracies are measured")
+                   + " after an equal, short training budget, not at convergence.")
     return out
 
 
