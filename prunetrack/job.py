@@ -234,23 +234,7 @@ def run_job(cfg: JobConfig, device: torch.device | None = None) -> str:
             prunable, remaining = masking.count(s.model)
             print(f"pruned with {p.pruner} in {pruned['pruning_time']:.2f}s: {remaining}/{prunable} prunable "
                   f"weights kept (density {remaining / prunable:.4f})", flush=True)
-            linked = pruned.get("connected") is not False
-            if pruned["collapsed"]:  # a known failure mode: visible in the run, not only in a log
-                warning = pruning.collapse_message(pruned["collapsed"], linked)
-                tracking.log_tags({"layer_collapse": ",".join(pruned["collapsed"]), "warning": warning})
-                print(f"WARNING: {warning}", file=sys.stderr, flush=True)
-            if not linked:  # whether or not a layer is empty: the output no longer sees the input
-                tracking.log_tags({"disconnected": "true",
-                                   **({} if pruned["collapsed"] else {"warning": pruning.DISCONNECTED})})
-                if not pruned["collapsed"]:
-                    print(f"WARNING: {pruning.DISCONNECTED}", file=sys.stderr, flush=True)
-            if pruned.get("near_collapse"):
-                warning = (f"near layer collapse: {len(pruned['near_collapse'])} layer(s) keep fewer weights than "
-                           f"they have outputs ({', '.join(pruned['near_collapse'])}), so some of their outputs "
-                           f"are cut off from every input")
-                tracking.log_tags({"near_collapse": ",".join(pruned["near_collapse"]),
-                                   **({} if pruned["collapsed"] or not linked else {"warning": warning})})
-                print(f"WARNING: {warning}", file=sys.stderr, flush=True)
+            flag_damage(pruned)
             if pruned["score_summary"]:
                 tracking.log_dict(pruned["score_summary"], "score_summary.json")
             tracking.log_masks(masking.get_masks(s.model))
@@ -273,6 +257,30 @@ def load_start(model: torch.nn.Module, weights: dict, source: str) -> None:
     if missing or unexpected:
         raise ValueError(f"the weights in {source!r} do not fit this model: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
+
+
+def flag_damage(pruned: dict) -> None:
+    """Known failure modes of pruning, visible in the run (tags) and not only in a log: an
+    emptied layer, no input-to-output path, layers with fewer weights than outputs. The
+    `warning` tag holds the most severe."""
+    linked = pruned.get("connected") is not False
+    tags, found = {}, []
+    if pruned["collapsed"]:
+        tags["layer_collapse"] = ",".join(pruned["collapsed"])
+        found.append(pruning.collapse_message(pruned["collapsed"], linked))
+    if not linked:  # whether or not a layer is empty: the output no longer sees the input
+        tags["disconnected"] = "true"
+        if not pruned["collapsed"]:  # the collapse message already says so
+            found.append(pruning.DISCONNECTED)
+    if pruned.get("near_collapse"):
+        tags["near_collapse"] = ",".join(pruned["near_collapse"])
+        found.append(f"near layer collapse: {len(pruned['near_collapse'])} layer(s) keep fewer weights than they "
+                     f"have outputs ({', '.join(pruned['near_collapse'])}), so some of their outputs are cut off "
+                     f"from every input")
+    if found:
+        tracking.log_tags({**tags, "warning": found[0]})
+    for warning in found:
+        print(f"WARNING: {warning}", file=sys.stderr, flush=True)
 
 
 def prune(s: Setup, cfg: JobConfig, device: torch.device) -> dict:

@@ -26,19 +26,19 @@ def public_uri(uri: str) -> str:
 def environ(**values: str | None):
     """Environment variables set (None: removed) while the block runs."""
     old = {k: os.environ.get(k) for k in values}
+    _set_environ(values)
+    try:
+        yield
+    finally:
+        _set_environ(old)
+
+
+def _set_environ(values: dict[str, str | None]) -> None:
     for k, v in values.items():
         if v is None:
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def check_tracking(uri: str, timeout: int = 5) -> None:
