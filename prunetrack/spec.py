@@ -8,6 +8,7 @@ A spec (see `sweeps/`)::
     grid:                              # axes: every combination is one cell
       pruner: [rand, mag, snip, grasp, synflow]
       compression: [1, 2, 5, 10, 15, 20]
+    # grid: [{...}, {...}]             # or a list of grids, run one after another
     overrides:                         # fields set on the cells that match `when`
       - when: {pruner: mag}            #   (a value, or a list of values to match any)
         set: {pre_epochs: 200}
@@ -105,13 +106,10 @@ def parse_spec(raw: Any, default_name: str = "sweep", text: str = "") -> Spec:
 
     base = _values(raw.get("base") or {}, "base")
     grid_raw = raw.get("grid") or {}
-    if not isinstance(grid_raw, dict):
-        raise SpecError(f"grid must map field names to lists of values, got {grid_raw!r}")
-    grid: dict[str, list] = {}
-    for key, values in grid_raw.items():
-        if not isinstance(values, list) or not values:
-            raise SpecError(f"grid.{key} must be a non-empty list of values, got {values!r}")
-        grid[key] = [_values({key: v}, f"grid.{key}")[key] for v in values]
+    # One grid, or a list of grids run one after another (e.g. a row at a longer training
+    # budget between two parts of a sweep); each is a mapping of axes to lists of values.
+    grids = [_grid(g, f"grid[{i}]") for i, g in enumerate(grid_raw)] if isinstance(grid_raw, list) \
+        else [_grid(grid_raw, "grid")]
 
     overrides = raw.get("overrides") or []
     if not isinstance(overrides, list):
@@ -126,18 +124,19 @@ def parse_spec(raw: Any, default_name: str = "sweep", text: str = "") -> Spec:
         when = {k: [_values({k: v}, f"{where}.when.{k}")[k] for v in (vs if isinstance(vs, list) else [vs])]
                 for k, vs in rule["when"].items()}
         rules.append((when, _values(rule["set"], f"{where}.set")))
-    if not grid:  # otherwise the sweep would silently be one job of the base settings
+    if not grids or not all(grids):  # otherwise the sweep would silently be one job of the base settings
         raise SpecError(f"spec {name!r} has no grid: list at least one axis, e.g. grid: {{seed: [0]}} "
                         f"(a single job is `prunetrack prune`)")
 
     cells = []
-    for combo in itertools.product(*grid.values()):
-        point = dict(zip(grid, combo))
-        values = {**base, **point}
-        for when, changes in rules:
-            if all(values.get(k, _default(k)) in vs for k, vs in when.items()):
-                values.update(changes)
-        cells.append(_cell(point, values, experiment))
+    for grid in grids:
+        for combo in itertools.product(*grid.values()):
+            point = dict(zip(grid, combo))
+            values = {**base, **point}
+            for when, changes in rules:
+                if all(values.get(k, _default(k)) in vs for k, vs in when.items()):
+                    values.update(changes)
+            cells.append(_cell(point, values, experiment))
 
     seen: dict[str, str] = {}
     for cell in cells:
@@ -149,6 +148,17 @@ def parse_spec(raw: Any, default_name: str = "sweep", text: str = "") -> Spec:
                             f"(a repeated grid value, or an override that undoes an axis)")
         seen[cell.config_hash] = cell.key
     return Spec(name=name, experiment=experiment, cells=cells, text=text)
+
+
+def _grid(raw: Any, where: str) -> dict[str, list]:
+    if not isinstance(raw, dict):
+        raise SpecError(f"{where} must map field names to lists of values, got {raw!r}")
+    grid: dict[str, list] = {}
+    for key, values in raw.items():
+        if not isinstance(values, list) or not values:
+            raise SpecError(f"{where}.{key} must be a non-empty list of values, got {values!r}")
+        grid[key] = [_values({key: v}, f"{where}.{key}")[key] for v in values]
+    return grid
 
 
 def _values(mapping: Any, where: str) -> dict[str, Any]:

@@ -3,6 +3,9 @@ at 1x, the pre-training section, testing time from the controlled timing pass, t
 curves' convergence in words, and the protocol stated from the runs."""
 from __future__ import annotations
 
+import os
+
+from test_report import check_png
 from test_report_split import make_run, rows
 
 from prunetrack.report import Pretrain, ReportOptions, assemble, findings, render, tables
@@ -238,3 +241,41 @@ def test_near_collapse_and_disconnection_are_findings_not_no_collapse():
     assert "Disconnected: [ResNet20 · SNIP · 10x]" in text
     clean = study([make_run("rand", 10)], pruners=("rand",))
     assert findings.layer_findings(clean)[-1].startswith("- No layer collapse, disconnection or near-collapse")
+
+
+# ---------------------------------------------------------------------------- the training budget
+
+def budget_run(pruner, epochs, top1, test_loss, seed=0):
+    """A 10x run of `epochs` epochs whose test top-1 and test loss per epoch are given."""
+    return make_run(pruner, 10, seed, metrics={"test_accuracy": top1[-1]}, tags={"test_examples": "10000"},
+                    params={"post_epochs": str(epochs)},
+                    histories={"test_top1": list(enumerate(top1, 1)), "test_loss": list(enumerate(test_loss, 1)),
+                               "train_loss": [(e, 1.0 / e) for e in range(1, epochs + 1)]})
+
+
+def test_runs_trained_longer_stay_out_of_the_tables_and_compare_the_budgets(tmp_path):
+    # 10 epochs: SNIP 70 > Rand 65. The same cells at 30 epochs: Rand reaches 85, SNIP 80, so the order changes.
+    ramp = lambda a, b, n: [a + (b - a) * e / (n - 1) for e in range(n)]
+    short = [budget_run("rand", 10, ramp(30, 65, 10), ramp(2.0, 1.0, 10)),
+             budget_run("snip", 10, ramp(30, 70, 10), ramp(2.0, 0.9, 10))]
+    longer = [budget_run("rand", 30, ramp(30, 65, 10) + ramp(66, 85, 20), ramp(2.0, 1.0, 10) + ramp(0.95, 0.6, 20)),
+              budget_run("snip", 30, ramp(30, 70.5, 10) + ramp(71, 80, 20), ramp(2.0, 0.9, 24) + [0.8] * 6)]
+    s = study(short + longer, pruners=("rand", "snip"))
+    assert s.budget == 10 and sorted(r.id for r in s.longer) == sorted(r.id for r in longer)
+    assert [r.id for r in s.cell("resnet20", "rand", 10.0)] == [short[0].id]  # not averaged into the cell
+    md = render.render(s, str(tmp_path))
+    assert "- Not in the tables: 2 run(s) with another training budget (30 epochs; see Training budget)" in md
+    section = md.split("## Training budget", 1)[1].split("## Findings", 1)[0]
+    assert ("2 runs trained longer than the tables' 10 epochs, in cells the tables also hold; they are not in the "
+            "tables. After 10 epochs, their test top-1 differs "
+            "from the tables' runs of the same cell by 0.50 points at most.") in section
+    assert rows(section, 7) == [["Rand at 10x", "65.00", "65.00", "75.00", "85.00", "+20.00", "30 of 30"],
+                                ["SNIP at 10x", "70.00", "70.50", "75.26", "80.00", "+10.00", "25 of 30"]]
+    assert "training_budget.png" in section
+    check_png(os.path.join(tmp_path, "training_budget.png"))
+    assert ("- Training budget at 10x [ResNet20 · 10x], n=1 per pruner: after 30 epochs Rand 85.00% > SNIP 80.00%; "
+            "the same runs after 10 epochs: SNIP 70.50% > Rand 65.00%. The order changes (Rand and SNIP move). "
+            "Training 20 epochs longer gained +9.50 to +20.00 points of top-1, so the tables compare the pruners "
+            "after an equal budget of 10 epochs, not their accuracy at 30.") in section
+    # Without longer runs there is no section.
+    assert "## Training budget" not in render.render(study(short, pruners=("rand", "snip")), str(tmp_path))

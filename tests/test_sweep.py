@@ -103,6 +103,18 @@ def test_grid_expands_with_overrides(tmp_path):
     assert cmd[cmd.index("--pre-epochs") + 1] == "3" and cmd[cmd.index("--pruner") + 1] == "mag"
 
 
+def test_a_list_of_grids_runs_one_after_another(tmp_path):
+    spec = specs.load_spec(write_spec(tmp_path, [{"compression": [10, 1], "pruner": ["rand"]},
+                                                 {"compression": [10], "pruner": ["rand"], "post_epochs": [3]},
+                                                 {"compression": [2], "pruner": ["rand"]}]))
+    assert [c.key for c in spec.cells] == ["compression=10,pruner=rand", "compression=1,pruner=rand",
+                                           "compression=10,pruner=rand,post_epochs=3", "compression=2,pruner=rand"]
+    assert [c.config.train.post_epochs for c in spec.cells] == [1, 1, 3, 1]
+    assert "grid[1].seed must be a non-empty list" in bad(tmp_path, {"grid": [{"seed": [0]}, {"seed": []}]})
+    assert "grid[0] must map field names to lists" in bad(tmp_path, {"grid": [["seed", 0]]})
+    assert "same configuration" in bad(tmp_path, {"grid": [{"seed": [0]}, {"seed": [0]}]})
+
+
 def test_shipped_smoke_spec_plans_its_grid(tmp_path, mlflow_store):
     result = CliRunner().invoke(cli.cli, ["sweep", os.path.join(REPO, "sweeps", "smoke.yaml"), "--dry-run"])
     assert result.exit_code == 0, result.output
@@ -120,8 +132,12 @@ def test_study_specs_cover_the_study():
     if missing:
         pytest.skip(f"pruners not registered here: {', '.join(missing)}")
     vgg = specs.load_spec(os.path.join(REPO, "sweeps", "study_vgg16.yaml"))
-    assert len(vgg.cells) == 30
-    assert {c.config.prune.compression for c in vgg.cells} == {1, 2, 5, 10, 15, 20}
+    grid = [c for c in vgg.cells if c.config.train.post_epochs == 10]
+    assert len(grid) == 30 and {c.config.prune.compression for c in grid} == {1, 2, 5, 10, 15, 20}
+    # The 10x row again at 30 epochs, right after the 10x row and the dense cell.
+    longer = [c for c in vgg.cells if c.config.train.post_epochs == 30]
+    assert len(longer) == 5 and {c.config.prune.compression for c in longer} == {10}
+    assert vgg.cells.index(longer[0]) == 10 and longer[0].name == "vgg16_bn-rand-10x-s0-post_epochs=30"
     assert {c.config.train.pre_epochs for c in vgg.cells if c.config.prune.pruner == "mag"} == {200}
     assert {c.config.train.pre_epochs for c in vgg.cells if c.config.prune.pruner != "mag"} == {0}
     resnet = specs.load_spec(os.path.join(REPO, "sweeps", "study_resnet50.yaml"))

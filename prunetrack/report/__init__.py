@@ -14,7 +14,8 @@ initialization share one dense run, marked "†".
 
 One module per step, each reading only the records the one before produced:
 `collect` (MLflow to records), `tables`, `figures`, `findings`, and `render` (the
-markdown, the files and the report run); `records` holds the record types.
+markdown, the files and the report run); `records` holds the record types, and `budget`
+the section on runs trained for more epochs than the tables' (kept out of the tables).
 """
 from prunetrack.report.collect import assemble
 from prunetrack.report.findings import synflow_paper_section

@@ -17,9 +17,8 @@ from prunetrack import store
 from prunetrack.report.records import (
     ABLATIONS,
     ACCURACY,
+    CURVE_KEYS,
     FLOPS,
-    LOSS_KEYS,
-    PRETRAIN_KEYS,
     STUDY_COMPRESSIONS,
     STUDY_MODELS,
     STUDY_PRUNERS,
@@ -89,6 +88,13 @@ def group(opts: ReportOptions, runs: list[Run], experiment_id: str = "", trackin
             excluded["ablation (" + ", ".join(a for a in ABLATIONS if r.setting(a) == "true") + ")"].append(r)
         else:
             kept.append(r)
+    # One training budget per table: runs trained for another number of epochs are the
+    # training-budget section's (averaging them into a cell would mix two budgets).
+    budgets = {m: _budget([r for r in kept if r.model == m]) for m in {r.model for r in kept}}
+    longer = [r for r in kept if r.setting("post_epochs") != budgets[r.model]]
+    kept = [r for r in kept if r.setting("post_epochs") == budgets[r.model]]
+    for r in longer:
+        excluded[f"another training budget ({r.setting('post_epochs')} epochs; see Training budget)"].append(r)
 
     found_models = sorted({r.model for r in kept})
     models = opts.models or list(dict.fromkeys([*STUDY_MODELS, *found_models]))
@@ -103,11 +109,18 @@ def group(opts: ReportOptions, runs: list[Run], experiment_id: str = "", trackin
     study = Study(opts, experiment_id, kept, list(models), list(pruners), [float(c) for c in compressions],
                   dataset, main, tracking_uri, dict(excluded), skipped,
                   time_metric=TIMED_TEST_TIME if timed else TEST_TIME)
+    study.budget, study.longer = int(float(budgets[main] or 0)), longer
     for r in kept:
         study.cells.setdefault((r.model, r.pruner, r.compression), []).append(r)
     share_dense_cell(study)
     link_pretrains(study, pretrains or {})
     return study
+
+
+def _budget(runs: list[Run]) -> str | None:
+    """The `post_epochs` of most runs (the shortest among equals: the grid, not its extension)."""
+    counts = Counter(r.setting("post_epochs") for r in runs)
+    return max(counts, key=lambda e: (counts[e], -float(e or 0)))
 
 
 def share_dense_cell(study: Study) -> None:
@@ -220,14 +233,18 @@ def load_details(s: Study) -> None:
         runs = s.cell(s.main, p, F)
         for r in runs:
             if not r.histories:
-                r.histories = {k: _history(client, r.id, k) for k in LOSS_KEYS}
+                r.histories = {k: _history(client, r.id, k) for k in CURVE_KEYS}
         for r in runs:
             if r.histograms is None:
                 r.histograms = _artifact(r.id, "histograms.json")
             if r.histograms:
                 break
     for pre in s.pretrains:
-        pre.histories = {k: _history(client, pre.id, k) for k in PRETRAIN_KEYS}
+        pre.histories = {k: _history(client, pre.id, k) for k in CURVE_KEYS}
+    for r in s.longer:  # the training-budget section draws them beside their cells' runs
+        r.histories = r.histories or {k: _history(client, r.id, k) for k in CURVE_KEYS}
+        for short in s.cell(r.model, r.pruner, r.compression):
+            short.histories = short.histories or {k: _history(client, short.id, k) for k in CURVE_KEYS}
 
 
 def collect(opts: ReportOptions) -> Study:

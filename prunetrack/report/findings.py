@@ -266,7 +266,8 @@ def loss_findings(s: Study) -> list[str]:
         out.append(f"- Not levelled off: at {F:g}x the test loss of {who} was still at its lowest on the last epoch "
                    f"and had fallen by {spread} over the last 3 epochs, so "
                    + ("the accuracies compare the pruners" if every else "their accuracies are measured")
-                   + " after an equal, short training budget, not at convergence.")
+                   + " after an equal, short training budget, not at convergence"
+                   + (" (the Training budget section shows runs trained longer)." if s.longer else "."))
     return out
 
 

@@ -23,8 +23,7 @@ SHARED = "†"
 ABLATIONS = ("shuffle", "reinit", "invert")
 TAG_FIRST = {"device", "precision"}  # the param says "auto", the tag names what the job used
 UNSHARED_AT_1X = ("mag",)  # starts from pre-trained weights: its 1x is a network of its own
-LOSS_KEYS = ("train_loss", "test_loss")
-PRETRAIN_KEYS = ("train_loss", "test_loss", "test_top1")
+CURVE_KEYS = ("train_loss", "test_loss", "test_top1")  # per-epoch metrics the figures draw
 
 
 class ReportError(RuntimeError):
@@ -111,7 +110,7 @@ class Pretrain:
     params: dict
     tags: dict
     metrics: dict
-    histories: dict = field(default_factory=dict)  # train_loss, test_loss, test_top1 per epoch
+    histories: dict = field(default_factory=dict)  # CURVE_KEYS per epoch
     users: list = field(default_factory=list)        # the prune runs that start from it
 
     @property
@@ -206,6 +205,8 @@ class Study:
     pretrains: list = field(default_factory=list)  # [Pretrain] linked from the main model's runs
     pretrain_missing: list = field(default_factory=list)  # linked run ids not found
     missing: dict = field(default_factory=dict)    # (model, pruner, compression) -> {why}
+    budget: int = 0                                # the tables' training epochs (post_epochs)
+    longer: list = field(default_factory=list)     # [Run] at another budget, kept out of the tables
 
     def cell(self, model: str, pruner: str, compression: float) -> list[Run]:
         return self.cells.get((model, pruner, compression), [])
