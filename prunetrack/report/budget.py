@@ -31,6 +31,8 @@ from prunetrack.report.tables import md_table
 def longer_cells(s: Study) -> dict[tuple[str, float], list[Run]]:
     """(pruner, compression) -> the main model's runs at a longer budget than the tables'."""
     out: dict[tuple[str, float], list[Run]] = {}
+    if not s.budget:  # the tables' runs did not log their epochs
+        return out
     for r in s.longer:
         if r.model == s.main and _epochs(r) > s.budget:
             out.setdefault((r.pruner, r.compression), []).append(r)

@@ -91,8 +91,8 @@ def group(opts: ReportOptions, runs: list[Run], experiment_id: str = "", trackin
     # One training budget per table: runs trained for another number of epochs are the
     # training-budget section's (averaging them into a cell would mix two budgets).
     budgets = {m: _budget([r for r in kept if r.model == m]) for m in {r.model for r in kept}}
-    longer = [r for r in kept if r.setting("post_epochs") != budgets[r.model]]
-    kept = [r for r in kept if r.setting("post_epochs") == budgets[r.model]]
+    longer = [r for r in kept if r.setting("post_epochs") not in (None, budgets[r.model])]  # None: not logged
+    kept = [r for r in kept if r not in longer]
     for r in longer:
         excluded[f"another training budget ({r.setting('post_epochs')} epochs; see Training budget)"].append(r)
 
@@ -119,8 +119,8 @@ def group(opts: ReportOptions, runs: list[Run], experiment_id: str = "", trackin
 
 def _budget(runs: list[Run]) -> str | None:
     """The `post_epochs` of most runs (the shortest among equals: the grid, not its extension)."""
-    counts = Counter(r.setting("post_epochs") for r in runs)
-    return max(counts, key=lambda e: (counts[e], -float(e or 0)))
+    counts = Counter(e for r in runs if (e := r.setting("post_epochs")) is not None)
+    return max(counts, key=lambda e: (counts[e], -float(e)), default=None)
 
 
 def share_dense_cell(study: Study) -> None:
