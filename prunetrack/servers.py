@@ -51,10 +51,11 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def mlflow_server(backend_store_uri: str, artifact_args: list[str], env: dict | None = None):
+def mlflow_server(backend_store_uri: str, artifact_args: list[str]):
     """Run a real `mlflow server` on a free loopback port, yield its URL once it answers
     /health, and stop it when the block ends. Its log is kept (and named in the error)
-    only when it fails to start."""
+    only when it fails to start. Tracking only: MLflow's background job runner (five
+    worker processes, for its GenAI features) would take CPU from the jobs it serves."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     mlflow_bin = shutil.which("mlflow", path=os.path.dirname(sys.executable)) or "mlflow"
@@ -62,7 +63,8 @@ def mlflow_server(backend_store_uri: str, artifact_args: list[str], env: dict | 
     proc = subprocess.Popen(
         [mlflow_bin, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", backend_store_uri, *artifact_args],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **(env or {})})
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     keep_log = True  # until the server is up: its log explains why it is not
     try:
         deadline = time.time() + 120
@@ -102,9 +104,7 @@ def tracking_server(needed: bool):
     if not needed or not uri.startswith("sqlite:"):
         yield uri
         return
-    # Tracking only: the server's background job runner would take CPU from the cells.
-    with mlflow_server(uri, ["--default-artifact-root", os.path.abspath("mlruns"), "--no-serve-artifacts"],
-                       env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}) as url:
+    with mlflow_server(uri, ["--default-artifact-root", os.path.abspath("mlruns"), "--no-serve-artifacts"]) as url:
         print(f"tracking server {url} (for {uri})", flush=True)
         previous = os.environ.get("MLFLOW_TRACKING_URI")
         os.environ["MLFLOW_TRACKING_URI"] = url

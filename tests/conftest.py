@@ -2,7 +2,10 @@
 and small CPU settings so the suite runs in minutes on two cores."""
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import sqlite3
 import subprocess
 import sys
 
@@ -19,14 +22,35 @@ SMOKE = dict(dataset="synthetic", model="resnet20", post_epochs=1, batch_size=12
              device="cpu")
 
 
+@pytest.fixture(scope="session")
+def new_store(tmp_path_factory):
+    """`new_store(path)` makes an empty SQLite tracking store at `path` and returns its
+    URI. MLflow takes seconds to create one (it runs every schema migration), so the first
+    is made by MLflow and the others are copies of it, with the Default experiment's
+    artifacts under ./mlruns of the store's folder, as if MLflow had created it there."""
+    from prunetrack import store
+
+    template = tmp_path_factory.mktemp("empty-store") / "mlflow.db"
+    store.prepare_store(f"sqlite:///{template}")
+
+    def make(path) -> str:
+        shutil.copyfile(template, path)
+        with contextlib.closing(sqlite3.connect(path)) as db, db:
+            db.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+                       (os.path.join(os.path.dirname(os.path.abspath(path)), "mlruns", "0"),))
+        return f"sqlite:///{path}"
+
+    return make
+
+
 @pytest.fixture
-def mlflow_store(tmp_path, monkeypatch):
-    """An embedded SQLite tracking store (artifacts under tmp_path/mlruns), used through
-    MLFLOW_TRACKING_URI exactly as a user would point prunetrack at a store."""
+def mlflow_store(tmp_path, monkeypatch, new_store):
+    """A fresh embedded SQLite tracking store (artifacts under tmp_path/mlruns), used
+    through MLFLOW_TRACKING_URI exactly as a user would point prunetrack at a store."""
     import mlflow
 
     monkeypatch.chdir(tmp_path)
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = new_store(tmp_path / "mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     # Checkpoints go beside the store, not into the user's cache.
     monkeypatch.setenv("PRUNETRACK_CHECKPOINT_DIR", str(tmp_path / "checkpoints"))

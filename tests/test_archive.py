@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from prunetrack import archive, cli
 
 
-def test_parent_links_point_at_the_new_runs_and_running_runs_stay_behind(mlflow_store, tmp_path):
+def test_parent_links_point_at_the_new_runs_and_running_runs_stay_behind(mlflow_store, tmp_path, new_store):
     client = MlflowClient()
     exp = client.create_experiment("sweeps")
     parent = client.create_run(exp, run_name="sweep-demo")
@@ -29,7 +29,7 @@ def test_parent_links_point_at_the_new_runs_and_running_runs_stay_behind(mlflow_
     summary = archive.export_runs("sweeps", path)
     assert (summary.runs, summary.skipped_running) == (2, 1)
 
-    copy_uri = f"sqlite:///{tmp_path}/copy.db"
+    copy_uri = new_store(tmp_path / "copy.db")
     mlflow.set_tracking_uri(copy_uri)
     try:
         result = archive.import_runs(path, experiment="copied")
@@ -120,7 +120,7 @@ def test_failed_export_leaves_the_earlier_file_as_it_was(mlflow_store, tmp_path,
     assert not [name for name in os.listdir(tmp_path) if name.endswith(".part")]  # nothing left behind
 
 
-def test_importing_an_export_back_into_its_own_store_adds_nothing(mlflow_store, tmp_path):
+def test_importing_an_export_back_into_its_own_store_adds_nothing(mlflow_store, tmp_path, new_store):
     """A study exports its store and, next time, imports the committed file first: the runs
     already there (made there, or imported before) must not be duplicated, and an export of
     imported runs keeps pointing at the original runs."""
@@ -134,12 +134,12 @@ def test_importing_an_export_back_into_its_own_store_adds_nothing(mlflow_store, 
     assert (archive.import_runs(path).imported, archive.import_runs(path).skipped) == (0, 1)
     assert len(client.search_runs([exp])) == 1
 
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/second.db")
+    mlflow.set_tracking_uri(new_store(tmp_path / "second.db"))
     try:
         assert archive.import_runs(path).imported == 1
         again = str(tmp_path / "again.jsonl")
         archive.export_runs("study", again)
-        mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/third.db")
+        mlflow.set_tracking_uri(new_store(tmp_path / "third.db"))
         assert archive.import_runs(path).imported == 1
         assert (archive.import_runs(again).imported, archive.import_runs(again).skipped) == (0, 1)
         [copy] = mlflow.search_runs(experiment_names=["study"], output_format="list")

@@ -31,12 +31,12 @@ def job(experiment: str, **overrides) -> str:
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory):
+def study(tmp_path_factory, new_store):
     """A store with real jobs: Rand at 1x and 10x (10x with two seeds), Mag at 10x; a
     finished Rand 5x run that logged its accuracy and nothing else (as a run from an
     older version, or a hand-made one, would), and a FAILED Mag 1x run that must not count."""
     root = tmp_path_factory.mktemp("study")
-    uri = f"sqlite:///{root}/mlflow.db"
+    uri = new_store(root / "mlflow.db")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
         mp.setenv("MLFLOW_TRACKING_URI", uri)
@@ -272,7 +272,7 @@ def test_report_against_a_real_mlflow_server(mlflow_server, monkeypatch, tmp_pat
         mlflow.set_tracking_uri(None)
 
 
-def test_export_then_import_regenerates_the_same_report(study, tmp_path, monkeypatch):
+def test_export_then_import_regenerates_the_same_report(study, tmp_path, monkeypatch, new_store):
     """The committed-export path: runs exported from one store and imported into an
     empty one give the same tables, and the same histories, statuses and artifacts."""
     export = tmp_path / "runs.jsonl.gz"
@@ -283,7 +283,7 @@ def test_export_then_import_regenerates_the_same_report(study, tmp_path, monkeyp
         with open(client.download_artifacts(run_id, "layers.json", str(dest))) as fh:
             return json.load(fh)
 
-    copy_uri = f"sqlite:///{tmp_path}/copy.db"
+    copy_uri = new_store(tmp_path / "copy.db")
     try:
         result = CliRunner().invoke(cli.cli, ["export", "--experiment", "study", "-o", str(export)])
         assert result.exit_code == 0, result.output

@@ -119,12 +119,12 @@ def test_render_needs_no_tracking_server(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def pretrained_store(tmp_path_factory):
+def pretrained_store(tmp_path_factory, new_store):
     """Real jobs: the dense Rand 1x run, SNIP 10x, and Magnitude at 1x and 10x from one shared
     pre-training; then timing metrics as the controlled timing pass logs them, on every
     run but SNIP's."""
     root = tmp_path_factory.mktemp("pretrained")
-    uri = f"sqlite:///{root}/mlflow.db"
+    uri = new_store(root / "mlflow.db")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
         mp.setenv("MLFLOW_TRACKING_URI", uri)
