@@ -25,6 +25,7 @@ from prunetrack import (
     masking,
     measure,
     models,
+    plots,
     progress,
     pruning,
     store,
@@ -341,8 +342,8 @@ def measure_and_log(s: Setup, cfg: JobConfig, device: torch.device, name: str, p
     tracking.log_table(rows, "layers")
     histograms = measure.histogram_record(pruned["init_weights"], measure.surviving_weights(s.model), layer_density)
     tracking.log_dict(histograms, "histograms.json")
-    tracking.log_figure(measure.histogram_figure(histograms, f"{name}: surviving weights"), "weight_histograms.png")
-    tracking.log_figure(measure.density_figure(rows, f"{name}: density per layer"), "layer_density.png")
+    tracking.log_figure(plots.histogram_figure(histograms, f"{name}: surviving weights"), "weight_histograms.png")
+    tracking.log_figure(plots.density_figure(rows, f"{name}: density per layer"), "layer_density.png")
     print(f"test time {timing.median:.3f}s (median of {len(timing.times)}), "
           f"{flops_effective / 1e9:.4g} of {flops.total / 1e9:.4g} GFLOPs per image", flush=True)
     print(f"done: test top-1 {final['top1']:.2f}%", flush=True)

@@ -1,5 +1,5 @@
 """What a job measures after training: FLOPs, testing time, the per-layer table and
-weight histograms (numbers and figures).
+weight histograms (their figures are drawn by `prunetrack.plots`).
 
 Units. FLOPs = 2 x multiply-accumulates (MACs); both are logged, so numbers compare
 with papers that count either. FLOPs are counted by `torch.utils.flop_counter`
@@ -16,7 +16,6 @@ for the models here), unpruned.
 """
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -24,7 +23,6 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from matplotlib.figure import Figure  # a bare Figure draws with Agg; no pyplot state, no display needed
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -188,56 +186,3 @@ def histogram_record(init: dict[str, torch.Tensor], final: dict[str, torch.Tenso
         layers[name] = {"density": layer_density[name], "init": histogram(before, lo, hi, bins),
                         "final": histogram(after, lo, hi, bins)}
     return {"bins": bins, "layers": layers}
-
-
-# ---------------------------------------------------------------- figures
-
-
-def histogram_figure(record: dict[str, Any], title: str = "") -> Figure:
-    """A grid with one panel per prunable layer: the surviving weights at
-    initialization (after pruning) and after training, density in each title."""
-    layers = record["layers"]
-    n = max(len(layers), 1)
-    cols = min(n, 6 if n > 16 else 4)
-    rows = math.ceil(n / cols)
-    width, height = 3.2 * cols, 2.4 * rows + 0.6
-    fig = Figure(figsize=(width, height))
-    # A fixed layout in inches and three ticks per axis: with a constrained layout and the
-    # default ticks, measuring and drawing tick labels took a third of a small job's time.
-    fig.subplots_adjust(left=0.7 / width, right=1 - 0.15 / width, bottom=0.55 / height, top=1 - 0.75 / height,
-                        wspace=0.3, hspace=0.65)
-    axes = fig.subplots(rows, cols, squeeze=False)
-    for ax, (name, h) in zip(axes.flat, layers.items()):
-        ax.stairs(h["init"]["counts"], h["init"]["edges"], color="0.6", fill=True, label="init (pruned)")
-        ax.stairs(h["final"]["counts"], h["final"]["edges"], color="tab:blue", linewidth=1.2, label="trained")
-        ax.set_title(f"{name}\ndensity {h['density']:.3g}", fontsize=8)
-        ax.tick_params(labelsize=6)
-        ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 2))
-        ax.xaxis.get_offset_text().set_fontsize(6)
-        ax.locator_params(nbins=3)
-    for ax in list(axes.flat)[len(layers):]:
-        ax.set_visible(False)
-    if layers:
-        axes.flat[0].legend(fontsize=6, loc="upper right")
-    fig.suptitle(title or "surviving weights per layer", fontsize=10)
-    fig.supxlabel("weight value", fontsize=8)
-    fig.supylabel("count", fontsize=8)
-    return fig
-
-
-def density_figure(rows: list[dict[str, Any]], title: str = "") -> Figure:
-    """A horizontal bar per prunable layer (in model order, top to bottom): its density."""
-    names = [r["layer"] for r in rows]
-    values = [r["density"] for r in rows]
-    fig = Figure(figsize=(7, 1.2 + 0.22 * max(len(rows), 1)), layout="constrained")
-    ax = fig.subplots()
-    y = np.arange(len(rows))
-    ax.barh(y, values, color="tab:blue")
-    ax.set_yticks(y, names, fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xlim(0, 1.12)  # room for the value labels
-    ax.set_xlabel("density (fraction of weights kept)")
-    for yi, v in zip(y, values):
-        ax.text(v + 0.01, yi, f"{v:.3g}", va="center", fontsize=6)
-    ax.set_title(title or "per-layer density", fontsize=10)
-    return fig

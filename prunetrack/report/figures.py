@@ -12,6 +12,7 @@ import os
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from prunetrack import plots
 from prunetrack.report.records import (
     ACCURACY,
     FLOPS,
@@ -87,23 +88,8 @@ def figure_layer_density(study: Study, path: str) -> bool:
 
 
 def figure_histograms(hist: dict, title: str, path: str) -> None:
-    layers = list(hist["layers"].items())
-    cols = math.ceil(math.sqrt(len(layers)))
-    rows = math.ceil(len(layers) / cols)
-    fig = Figure(figsize=(2.4 * cols, 1.9 * rows))
-    for i, (name, h) in enumerate(layers):
-        ax = fig.add_subplot(rows, cols, i + 1)
-        for which, color in (("init", "0.6"), ("final", "C0")):
-            if h.get(which) and len(h[which]["counts"]):
-                ax.stairs(h[which]["counts"], h[which]["edges"], color=color, fill=which == "init",
-                          alpha=0.6 if which == "init" else 1.0, label=which)
-        ax.set_title(f"{name} (d={h.get('density', math.nan):.3f})", fontsize=6)
-        ax.tick_params(labelsize=5)
-        if i == 0:
-            ax.legend(fontsize=5)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    _save(fig, path)
+    """The job's own figure of its histograms.json (one panel per layer)."""
+    plots.histogram_figure(hist, title).savefig(path, dpi=120)  # a fixed layout: no tight bbox needed
 
 
 def figure_losses(study: Study, path: str) -> bool:
