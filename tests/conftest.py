@@ -10,16 +10,33 @@ import subprocess
 import sys
 
 import pytest
-import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Workers run side by side, one per core: one thread each, and for the jobs they start
+    # (read by torch at import), so that they share the cores without oversubscribing them.
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+import torch  # noqa: E402  (after the thread count)
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
 
+# The xdist group of the tests that start many processes at once or use the session's
+# `mlflow server`: one worker runs them all, one after another (see pyproject's addopts).
+CROWD = "crowd"
+
 # A job small enough for seconds on a CPU: synthetic data, a tiny ResNet.
 SMOKE = dict(dataset="synthetic", model="resnet20", post_epochs=1, batch_size=128, test_batch_size=128,
              device="cpu")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def checkpoints_of_the_session(tmp_path_factory):
+    """Jobs that a test starts outside `mlflow_store` checkpoint into this session's folder,
+    not the user's cache, where two test processes could meet the same configuration."""
+    os.environ["PRUNETRACK_CHECKPOINT_DIR"] = str(tmp_path_factory.mktemp("checkpoints"))
 
 
 @pytest.fixture(scope="session")

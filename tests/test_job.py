@@ -11,7 +11,7 @@ import torch
 from prunetrack import load_masks, masking, models, store, tracking, training
 from prunetrack.config import JobConfig
 from prunetrack.job import run_job
-from tests.conftest import REPO, SMOKE
+from tests.conftest import CROWD, REPO, SMOKE
 
 
 def _job(**overrides):
@@ -94,6 +94,7 @@ def test_bad_config_creates_no_run(mlflow_store):
     assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
 
 
+@pytest.mark.xdist_group(CROWD)
 def test_job_against_a_real_mlflow_server(mlflow_server, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     mlflow.set_tracking_uri(mlflow_server)
@@ -232,6 +233,7 @@ def _prune_process(tmp_path, uri, *args, stderr=subprocess.STDOUT):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group(CROWD)
 @pytest.mark.parametrize("store", ["new sqlite file", "server"])
 def test_eight_jobs_started_at_once(store, tmp_path, request):
     """Eight jobs at once on a SQLite store that does not exist yet (they must not race
@@ -287,6 +289,7 @@ def test_diverging_training_stops_the_run_at_that_epoch(mlflow_store):
     assert "histograms.json" not in {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
+@pytest.mark.xdist_group(CROWD)  # timed: kept away from the crowds of processes
 def test_unreachable_tracking_server_fails_fast_in_one_line(tmp_path):
     import time
 

@@ -14,7 +14,7 @@ import mlflow
 import pytest
 import yaml
 from click.testing import CliRunner
-from conftest import REPO, SMOKE
+from conftest import CROWD, REPO, SMOKE
 from mlflow.tracking import MlflowClient
 
 from prunetrack import cli
@@ -248,6 +248,7 @@ def test_mlproject_report_entry_matches_the_command():
         assert f"--{name.replace('_', '-')} {{{name}}}" in entry["command"]
 
 
+@pytest.mark.xdist_group(CROWD)
 def test_report_against_a_real_mlflow_server(mlflow_server, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)

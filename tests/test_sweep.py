@@ -15,7 +15,7 @@ import mlflow
 import pytest
 import yaml
 from click.testing import CliRunner
-from conftest import REPO
+from conftest import CROWD, REPO
 
 from prunetrack import cli, executors, pruning, sweep, tracking
 from prunetrack import spec as specs
@@ -210,6 +210,7 @@ def test_failing_cell_is_reported_and_others_finish(tmp_path, mlflow_store):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group(CROWD)
 def test_parallel_cells_on_one_sqlite_store(tmp_path, mlflow_store):
     path = write_spec(tmp_path, {"seed": [0, 1]}, name="par")
     summary = sweep.run_sweep(specs.load_spec(path), parallel=2)
@@ -223,6 +224,7 @@ def test_parallel_cells_on_one_sqlite_store(tmp_path, mlflow_store):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group(CROWD)
 def test_ray_executor_runs_two_cells(tmp_path, mlflow_store):
     ray = pytest.importorskip("ray")
     path = write_spec(tmp_path, {"compression": [2, 10]}, name="ray")
@@ -375,6 +377,7 @@ def _wait(condition, seconds: float, what: str, proc: subprocess.Popen | None = 
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="lists processes through /proc")
 @pytest.mark.slow
+@pytest.mark.xdist_group(CROWD)
 def test_sigterm_to_a_parallel_sweep_stops_its_cells_then_its_server(tmp_path, mlflow_store):
     """SIGTERM to the sweep's process group (as `kill -- -PGID` or a scheduler sends it): the
     cells, in sessions of their own, are stopped by the sweep, and end KILLED while the
