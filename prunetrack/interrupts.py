@@ -73,11 +73,21 @@ def cause(e: BaseException) -> str:
 _parent_gone = threading.Event()
 _watching = threading.Event()  # set while a watcher may still send its signal
 _lock = threading.Lock()  # a watcher sends its signal only while it holds this and _watching is set
+_stopping = threading.Event()  # the first stop signal has been raised
 
 
 def _raise(signum, frame):
+    # One stop per block: a second signal is the same request (`mlflow run` SIGTERMs its
+    # entry point right after the terminal's Ctrl-C), and raising it again would interrupt
+    # the unwinding of the first, e.g. a database session's rollback, which then keeps
+    # the SQLite store locked while the run is being closed.
+    if _stopping.is_set():
+        return
+    _stopping.set()
     if _parent_gone.is_set():
         raise ParentDied(parent_died_message())
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
     raise Terminated(f"terminated by signal {signum}")
 
 
@@ -95,13 +105,15 @@ def _watch(interval: float, main: int) -> None:
 
 @contextlib.contextmanager
 def stoppable(interval: float = 0.5):
-    """While the block runs (in the main thread), SIGTERM raises Terminated and the death
-    of the watched parent raises ParentDied, so that `finally` blocks close runs and stop
-    child processes. Outside the main thread it does nothing."""
+    """While the block runs (in the main thread), Ctrl-C raises KeyboardInterrupt, SIGTERM
+    Terminated and the death of the watched parent ParentDied, once: later signals are
+    ignored while `finally` blocks close runs and stop child processes. Outside the main
+    thread it does nothing."""
     if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is _raise:
         yield  # not ours to handle, or an enclosing block already does (a job inside a sweep's block)
         return
-    previous = signal.signal(signal.SIGTERM, _raise)
+    previous = {s: signal.signal(s, _raise) for s in (signal.SIGINT, signal.SIGTERM)}
+    _stopping.clear()
     _parent_gone.clear()
     if watched_parent() is not None:
         _watching.set()
@@ -112,7 +124,8 @@ def stoppable(interval: float = 0.5):
     finally:
         with _lock:  # the watcher sends nothing from here on
             _watching.clear()
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 @contextlib.contextmanager

@@ -60,6 +60,23 @@ def test_job_run_ends_killed_on_ctrl_c_and_sigterm(mlflow_store, how):
     assert signal.getsignal(signal.SIGTERM) is before  # the handler is the job's only while its run is open
 
 
+def test_a_second_stop_signal_does_not_interrupt_the_unwinding_of_the_first():
+    """Ctrl-C, then `mlflow run`'s SIGTERM while the job unwinds (closing a database
+    session, say): the cleanup finishes, and the job stops for the first signal."""
+    cleaned = []
+    with pytest.raises(KeyboardInterrupt) as e:
+        with interrupts.stoppable():
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(10)  # the handler raises long before this ends
+            finally:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.2)  # the handler runs here, and must not raise
+                cleaned.append("done")
+    assert cleaned == ["done"] and type(e.value) is KeyboardInterrupt
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
 def test_a_run_that_mlflow_turned_failed_after_an_interruption_counts_as_killed(mlflow_store):
     with pytest.raises(KeyboardInterrupt):
         with tracking.job_run("t", "ctrl-c") as run:
