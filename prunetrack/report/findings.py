@@ -291,7 +291,7 @@ def pretrain_sentence(pre: Pretrain, shared: bool) -> str:
     best = (f"best test loss {m['best_test_loss']:.4f}, top-1 {m['best_test_top1']:.2f}%"
             if "best_test_loss" in m and "best_test_top1" in m else "best test loss not logged")
     text = (f"{who} prune{'s' * (len(users) == 1)} the weights of {'one shared' if shared else 'a'} pre-training "
-            f"(run {pre.label}; {plural(len(pre.users), 'run')} start from it): {plural(epochs, 'epoch')}")
+            f"(run {pre.label}; {plural(len(pre.users), 'run')} start{'s' * (len(pre.users) == 1)} from it): {plural(epochs, 'epoch')}")
     if "pretraining_time" in m:
         text += f" in {m['pretraining_time']:.0f} s"
     if stopped == "patience":
