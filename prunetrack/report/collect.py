@@ -212,8 +212,11 @@ def _layers(run_id: str) -> list[dict] | None:
     return [dict(zip(table["columns"], row)) for row in table["data"]]
 
 
-def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
-    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+def _curves(client: MlflowClient, record) -> None:
+    """Fill a run's (or pre-training's) per-epoch CURVE_KEYS histories, unless it has them."""
+    if not record.histories:
+        record.histories = {k: sorted((m.step, m.value) for m in client.get_metric_history(record.id, k))
+                            for k in CURVE_KEYS}
 
 
 def load_details(s: Study) -> None:
@@ -232,19 +235,17 @@ def load_details(s: Study) -> None:
     for p in s.pruners:
         runs = s.cell(s.main, p, F)
         for r in runs:
-            if not r.histories:
-                r.histories = {k: _history(client, r.id, k) for k in CURVE_KEYS}
+            _curves(client, r)
         for r in runs:
             if r.histograms is None:
                 r.histograms = _artifact(r.id, "histograms.json")
             if r.histograms:
                 break
     for pre in s.pretrains:
-        pre.histories = {k: _history(client, pre.id, k) for k in CURVE_KEYS}
+        _curves(client, pre)
     for r in s.longer:  # the training-budget section draws them beside their cells' runs
-        r.histories = r.histories or {k: _history(client, r.id, k) for k in CURVE_KEYS}
-        for short in s.cell(r.model, r.pruner, r.compression):
-            short.histories = short.histories or {k: _history(client, short.id, k) for k in CURVE_KEYS}
+        for run in (r, *s.cell(r.model, r.pruner, r.compression)):
+            _curves(client, run)
 
 
 def collect(opts: ReportOptions) -> Study:
