@@ -203,6 +203,22 @@ def test_settings_state_the_protocol_from_the_runs(tmp_path):
     assert "differs between runs" not in text  # one protocol: nothing flagged
 
 
+def test_runs_from_other_commits_are_listed_but_not_flagged_as_another_protocol(tmp_path):
+    runs = [make_run("rand", 10, metrics={"test_accuracy": 80.0}, tags={"git_commit": "aaa111"}),
+            make_run("snip", 10, metrics={"test_accuracy": 81.0}, tags={"git_commit": "bbb222"})]
+    text = render.render(study(runs), str(tmp_path)).split("## Settings", 1)[1].split("## Tables", 1)[0]
+    assert "- **Git commit**: differs between runs: `aaa111` in 1 runs" in text
+    assert "⚠" not in text.replace("⚠ below marks any that differ", "")
+    assert ("The runs were made by more than one software version (Git commit): listed, not flagged, since a "
+            "version is not a protocol setting; every protocol setting above agrees; `git log` between the commits "
+            "shows what changed.") in text
+    # A protocol setting that differs is still flagged, beside the versions.
+    runs[1].params["lr"] = "0.01"
+    text = render.render(study(runs), str(tmp_path)).split("## Settings", 1)[1].split("## Tables", 1)[0]
+    assert "- **Learning rate**: ⚠ differs between runs" in text
+    assert "⚠ 1 setting(s) differ between runs" in text and "the ⚠ settings aside, the protocol agrees" in text
+
+
 # ---------------------------------------------------------------------------- findings and noise
 
 def acc_run(pruner, acc, seed=0, c=10, **tags):

@@ -44,6 +44,9 @@ SETTINGS = [
     ("git_commit", "Git commit"),
 ]
 PRETRAIN_SETTINGS = ("pre_epochs", "pre_patience")
+# What ran the protocol, not the protocol: runs of a study resumed over weeks differ here
+# without being different experiments, so these are listed but not flagged as a protocol change.
+PROVENANCE = ("torch_version", "mlflow_version", "prunetrack_version", "git_commit")
 
 
 def protocol(s: Study) -> str:
@@ -79,7 +82,7 @@ def settings_section(s: Study) -> list[str]:
              f"(id {s.experiment_id}) at `{s.tracking_uri}`.", "", protocol(s), ""]
     models = Counter(r.model for r in runs)
     lines.append("- **Models**: " + ", ".join(f"{model_label(m)} ({n} runs)" for m, n in models.items()))
-    flagged = 0
+    flagged, versions = 0, []
 
     def describe(key: str, title: str, group: list[Run], suffix: str = "") -> None:
         nonlocal flagged
@@ -90,9 +93,13 @@ def settings_section(s: Study) -> list[str]:
         if len(values) == 1:
             lines.append(f"- **{title}**{suffix}: `{next(iter(values))}`")
             return
-        flagged += 1
         parts = [f"`{v}` in {len(rs)} runs ({names(rs)})"
                  for v, rs in sorted(values.items(), key=lambda kv: -len(kv[1]))]
+        if key in PROVENANCE:
+            versions.append(title)
+            lines.append(f"- **{title}**{suffix}: differs between runs: " + "; ".join(parts))
+            return
+        flagged += 1
         lines.append(f"- **{title}**{suffix}: ⚠ differs between runs: " + "; ".join(parts))
 
     pretrained = [r for r in runs if r.pretrained]
@@ -112,6 +119,11 @@ def settings_section(s: Study) -> list[str]:
     if flagged:
         lines += [f"⚠ {flagged} setting(s) differ between runs: the runs above are not one protocol, "
                   "compare the flagged cells with care.", ""]
+    if versions:
+        agree = "every protocol setting above agrees" if not flagged else "the ⚠ settings aside, the protocol agrees"
+        git = "; `git log` between the commits shows what changed" if "Git commit" in versions else ""
+        lines += [f"The runs were made by more than one software version ({join_words(versions)}): listed, not "
+                  f"flagged, since a version is not a protocol setting; {agree}{git}.", ""]
     for why, rs in s.excluded.items():
         lines.append(f"- Not in the tables: {len(rs)} run(s) with {why}: " + ", ".join(r.label for r in rs[:6])
                      + (" …" if len(rs) > 6 else ""))
