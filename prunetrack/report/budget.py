@@ -22,6 +22,7 @@ from prunetrack.report.records import (
     cell_name,
     join_words,
     model_label,
+    n_words,
     plural,
     pruner_label,
 )
@@ -36,15 +37,11 @@ def longer_cells(s: Study) -> dict[tuple[str, float], list[Run]]:
     for r in s.longer:
         if r.model == s.main and _epochs(r) > s.budget:
             out.setdefault((r.pruner, r.compression), []).append(r)
-    return dict(sorted(out.items(), key=lambda kv: (kv[0][1], _order(s, kv[0][0]))))
+    return dict(sorted(out.items(), key=lambda kv: (kv[0][1], s.position(pruner=kv[0][0]))))
 
 
 def _epochs(r: Run) -> int:
     return int(float(r.setting("post_epochs") or 0))
-
-
-def _order(s: Study, pruner: str) -> int:
-    return s.pruners.index(pruner) if pruner in s.pruners else len(s.pruners)
 
 
 def top1_at(runs: list[Run], epoch: int) -> float | None:
@@ -123,8 +120,7 @@ def budget_findings(s: Study, cells: dict) -> list[str]:
         before = sorted(early, key=lambda p: -early[p])
         fmt = lambda order, at: " > ".join(f"{pruner_label(p)} {at[p]:.2f}%" for p in order)
         gains = [final[p] - early[p] for p in final]
-        ns = sorted({len(rs) for rs in row.values()})
-        n = f"n={ns[0]}" if len(ns) == 1 else f"n={ns[0]}-{ns[-1]}"
+        n = n_words(len(rs) for rs in row.values())
         words = (f"- Training budget at {c:g}x {cell_name(s.main, None, c)}, {n} per pruner: after {end} epochs "
                  f"{fmt(after, final)}; the same runs after {s.budget} epochs: {fmt(before, early)}. ")
         if after == before:

@@ -16,6 +16,7 @@ from prunetrack.report.records import (
     cell_name,
     join_words,
     model_label,
+    n_words,
     names,
     plural,
     pruner_label,
@@ -84,8 +85,7 @@ def ranking_findings(s: Study) -> list[str]:
         if len(stats) < 2 or c == 1.0:
             continue
         order = sorted(stats, key=lambda p: -stats[p].mean)
-        best, ns = order[0], sorted({st.n for st in stats.values()})
-        seeds = f"n={ns[0]}" if len(ns) == 1 else f"n={ns[0]}-{ns[-1]}"
+        best, seeds = order[0], n_words(st.n for st in stats.values())
         values = ", ".join(f"{pruner_label(p)} {stats[p].fmt(lambda v: f'{v:.2f}%')}"
                            for p in order)
         close = [p for p in order[1:] if stats[best].mean - stats[p].mean < noise.threshold(stats[best], stats[p])]

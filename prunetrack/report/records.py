@@ -159,6 +159,12 @@ def plural(n, word: str) -> str:
     return f"{n} {word}{'' if str(n) in ('1', '1.0') else 's'}"
 
 
+def n_words(ns) -> str:
+    """How many runs each cell has: "n=1", or "n=1-3" when cells differ."""
+    ns = sorted(set(ns))
+    return f"n={ns[0]}" if len(ns) == 1 else f"n={ns[0]}-{ns[-1]}"
+
+
 def join_words(words: list[str]) -> str:
     words = list(words)
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
@@ -207,6 +213,11 @@ class Study:
     missing: dict = field(default_factory=dict)    # (model, pruner, compression) -> {why}
     budget: int = 0                                # the tables' training epochs (post_epochs)
     longer: list = field(default_factory=list)     # [Run] at another budget, kept out of the tables
+
+    def position(self, model: str | None = None, pruner: str | None = None) -> tuple:
+        """Sort key: the order the options list models and pruners in, others after, by name."""
+        rank = lambda items, x: (items.index(x), "") if x in items else (len(items), x or "")
+        return (*rank(self.models, model), *rank(self.pruners, pruner))
 
     def cell(self, model: str, pruner: str, compression: float) -> list[Run]:
         return self.cells.get((model, pruner, compression), [])

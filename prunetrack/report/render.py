@@ -157,12 +157,7 @@ def missing_section(s: Study) -> list[str]:
         return md + ["Every cell of every table has a finished run with its measurements.", ""]
     md += ["Each line is a cell shown as a missing mark above and the command that would produce it "
            "(the protocol of the runs found; add `-P seed=N` for more seeds).", ""]
-
-    def order(key):
-        model, pruner, c = key
-        return (s.models.index(model) if model in s.models else len(s.models), model,
-                s.pruners.index(pruner) if pruner in s.pruners else len(s.pruners), pruner, c)
-
+    order = lambda key: (*s.position(key[0], key[1]), key[2])  # (model, pruner, compression)
     for (model, pruner, c), why in sorted(s.missing.items(), key=lambda kv: order(kv[0])):
         md += [f"- {cell_name(model, pruner, c)}: {'; '.join(sorted(why))}",
                f"  `{command_for(s, model, pruner, c)}`"]
