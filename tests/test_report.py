@@ -129,7 +129,7 @@ def test_failed_runs_ignored_and_missing_cells_listed(study):
     missing = text.split("## Missing cells", 1)[1]
     for pruner, c in (("Mag", "1x"), ("Rand", "20x"), ("Mag", "20x")):
         assert f"[ResNet20 · {pruner} · {c}]: no finished run" in missing
-    assert ("`mlflow run . -e prune --experiment-name study -P model=resnet20 -P pruner=mag -P compression=20 "
+    assert ("`mlflow run . --env-manager local -e prune --experiment-name study -P model=resnet20 -P pruner=mag -P compression=20 "
             "-P dataset=synthetic") in missing
     # The protocol of the runs found travels with the command.
     line = next(ln for ln in missing.splitlines() if "-P pruner=mag -P compression=20" in ln)

@@ -203,6 +203,20 @@ def test_settings_state_the_protocol_from_the_runs(tmp_path):
     assert "differs between runs" not in text  # one protocol: nothing flagged
 
 
+def test_a_missing_cells_command_carries_its_pruners_own_settings(tmp_path):
+    # Magnitude's cells start from a pre-training and SynFlow's prune in 100 rounds; the other
+    # pruners' runs set neither, and their commands must not either.
+    runs = [make_run("rand", 10, metrics={"test_accuracy": 80.0}), make_run("snip", 10),
+            make_run("synflow", 10), mag(10)]
+    text = render.render(study(runs, pruners=("rand", "snip", "synflow", "mag")), str(tmp_path))
+    missing = text.split("## Missing cells", 1)[1]
+    command = lambda pruner: next(ln for ln in missing.splitlines() if f"-P pruner={pruner} -P compression=1 " in ln)
+    assert command("mag").strip() == ("`mlflow run . --env-manager local -e prune --experiment-name x -P model=resnet20 "
+                                      "-P pruner=mag -P compression=1 -P dataset=synthetic -P batch_size=128 "
+                                      "-P pre_epochs=200 -P pre_patience=20`")
+    assert "pre_epochs" not in command("rand") and "iterations" not in command("rand")
+    assert "-P iterations" not in command("synflow")  # 100 is SynFlow's default
+
 def test_runs_from_other_commits_are_listed_but_not_flagged_as_another_protocol(tmp_path):
     runs = [make_run("rand", 10, metrics={"test_accuracy": 80.0}, tags={"git_commit": "aaa111"}),
             make_run("snip", 10, metrics={"test_accuracy": 81.0}, tags={"git_commit": "bbb222"})]

@@ -134,12 +134,15 @@ def settings_section(s: Study) -> list[str]:
 
 def command_for(s: Study, model: str, pruner: str, compression: float) -> str:
     """The `mlflow run` command that would produce a cell under the protocol of the runs
-    found: every MLproject parameter whose usual value among the runs is not its default."""
+    found: every MLproject parameter whose usual value is not its default. The usual value
+    is the pruner's own where it has runs, since some settings are the pruner's (SynFlow's
+    rounds, Magnitude's pre-training), and the study's otherwise."""
     params = {"model": model, "pruner": pruner, "compression": f"{compression:g}", "dataset": s.dataset}
+    own = [r for r in s.runs if r.pruner == pruner] or None  # None: all runs
     for f in config.fields():
         if not f.metadata.get("mlproject") or f.name in params or f.name == "device":
             continue
-        group = [r for r in s.runs if r.pruner == pruner] if f.name == "iterations" else s.runs
+        group = own if f.name in ("iterations", *PRETRAIN_SETTINGS) else s.runs
         value = s.common(f.name, group, tag_first=False)  # the param: "auto" stays auto
         if value is None:
             continue
@@ -148,7 +151,7 @@ def command_for(s: Study, model: str, pruner: str, compression: float) -> str:
         if value != norm(f.default):
             params[f.name] = value
     args = " ".join(f"-P {k}={shlex.quote(str(v))}" for k, v in params.items())
-    return f"mlflow run . -e prune --experiment-name {shlex.quote(s.opts.experiment)} {args}"
+    return f"mlflow run . --env-manager local -e prune --experiment-name {shlex.quote(s.opts.experiment)} {args}"
 
 
 def missing_section(s: Study) -> list[str]:
