@@ -123,7 +123,8 @@ def _compressions(ctx, param, value):
 @click.option("--output-dir", default="reports", show_default=True, help="Where reports/<name>/ is written.")
 @click.option("--models", default="", callback=_csv(str, "model names"),
               help="Models, comma-separated; the first with runs fills tables 2-6 "
-                   "(default: vgg16,resnet50 and any other found).")
+                   "(default: the VGG16 the runs used, vgg16_bn or vgg16 (vgg16_bn if none), then resnet50 "
+                   "and any other found).")
 @click.option("--compressions", default="", callback=_compressions,
               help="Compression ratios, comma-separated (default: 1,2,5,10,15,20 and any other found).")
 @click.option("--pruners", default="", callback=_csv(str, "pruner names"),

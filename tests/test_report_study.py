@@ -203,6 +203,14 @@ def test_settings_state_the_protocol_from_the_runs(tmp_path):
     assert "differs between runs" not in text  # one protocol: nothing flagged
 
 
+def test_the_study_rows_are_the_vgg16_the_runs_used_and_resnet50():
+    runs = [make_run("rand", 10, model="vgg16_bn", metrics={"test_accuracy": 80.0})]
+    assert study(runs, models=None).models == ["vgg16_bn", "resnet50"]  # no empty row for plain vgg16
+    runs.append(make_run("rand", 10, model="vgg16", metrics={"test_accuracy": 10.0}))
+    assert study(runs, models=None).models == ["vgg16_bn", "vgg16", "resnet50"]
+    assert study([make_run("rand", 10, metrics={"test_accuracy": 80.0})], models=None).models == \
+        ["vgg16_bn", "resnet50", "resnet20"]
+
 def test_a_missing_cells_command_carries_its_pruners_own_settings(tmp_path):
     # Magnitude's cells start from a pre-training and SynFlow's prune in 100 rounds; the other
     # pruners' runs set neither, and their commands must not either.

@@ -25,6 +25,7 @@ from prunetrack.report.records import (
     TEST_TIME,
     TIMED_TEST_TIME,
     UNSHARED_AT_1X,
+    VGG16_VARIANTS,
     Pretrain,
     ReportError,
     ReportOptions,
@@ -97,7 +98,8 @@ def group(opts: ReportOptions, runs: list[Run], experiment_id: str = "", trackin
         excluded[f"another training budget ({r.setting('post_epochs')} epochs; see Training budget)"].append(r)
 
     found_models = sorted({r.model for r in kept})
-    models = opts.models or list(dict.fromkeys([*STUDY_MODELS, *found_models]))
+    vgg16 = [m for m in VGG16_VARIANTS if m in found_models] or list(VGG16_VARIANTS[:1])
+    models = opts.models or list(dict.fromkeys([*vgg16, *STUDY_MODELS, *found_models]))
     main = next((m for m in models if any(r.model == m for r in kept)), None)
     if main is None:
         raise ReportError(f"no finished runs of model(s) {', '.join(models)} in experiment "

@@ -13,7 +13,10 @@ from typing import Callable
 
 from prunetrack import config
 
-STUDY_MODELS = ("vgg16_bn", "vgg16", "resnet50")
+# The study's rows: a VGG16 and ResNet50. The VGG16 is the variant the runs used (with or
+# without BatchNorm; both if both ran); with none, the default model, with BatchNorm.
+VGG16_VARIANTS = ("vgg16_bn", "vgg16")
+STUDY_MODELS = ("resnet50",)
 STUDY_COMPRESSIONS = (1.0, 2.0, 5.0, 10.0, 15.0, 20.0)
 STUDY_PRUNERS = ("rand", "mag", "snip", "grasp", "synflow")
 PRUNER_LABELS = {"rand": "Rand", "mag": "Mag", "snip": "SNIP", "grasp": "GraSP", "synflow": "SynFlow"}
