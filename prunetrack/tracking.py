@@ -91,6 +91,7 @@ def job_run(experiment: str, run_name: str, tags: dict[str, Any] | None = None, 
                 if _generated_name(run.info.run_name):  # `mlflow run` without --run-name: name it as we would
                     mlflow.MlflowClient().update_run(run.info.run_id, name=run_name)
             elif resume_run_id:
+                _clear_interruption(resume_run_id)
                 run = mlflow.start_run(run_id=resume_run_id, tags=tags or None, log_system_metrics=sample)
             else:
                 run = mlflow.start_run(experiment_id=store.experiment_id(experiment), run_name=run_name, tags=tags or None,
@@ -133,6 +134,22 @@ def _close(e: BaseException) -> None:
             mlflow.set_tags({"error": error[:4000], **({INTERRUPTED_TAG: cause} if cause else {})})
             mlflow.log_text(traceback.format_exc(), "error.txt")
         mlflow.end_run("KILLED" if cause else "FAILED")
+
+
+def _clear_interruption(run_id: str) -> None:
+    """A reopened run is no longer failed or killed: its `error` and `interrupted` tags move to
+    `interruptions` (how many pieces ended early) and `last_interruption` (the latest cause),
+    so that a run that goes on to finish does not carry an error in the UI."""
+    client = mlflow.MlflowClient()
+    tags = client.get_run(run_id).data.tags
+    if "error" not in tags:
+        return
+    cause = tags.get(INTERRUPTED_TAG)
+    client.set_tag(run_id, "interruptions", str(int(tags.get("interruptions", "0")) + 1))
+    client.set_tag(run_id, "last_interruption", (f"{cause}: " if cause else "") + tags["error"][:3900])
+    for key in ("error", INTERRUPTED_TAG):
+        if key in tags:
+            client.delete_tag(run_id, key)
 
 
 def _generated_name(name: str | None) -> bool:

@@ -63,6 +63,7 @@ def test_interrupted_job_resumes_in_the_same_run_with_the_same_weights(mlflow_st
     killed = [r for r in client.search_runs([r.info.experiment_id for r in [client.get_run(straight)]])
               if r.info.run_id != straight][0]
     assert killed.info.status == "KILLED" and _steps(killed.info.run_id) == [1]
+    assert killed.data.tags["interrupted"] == "SIGINT" and "error" in killed.data.tags
 
     capsys.readouterr()
     resumed = run_job(_job(**cfg))
@@ -70,7 +71,11 @@ def test_interrupted_job_resumes_in_the_same_run_with_the_same_weights(mlflow_st
     assert "resuming from the checkpoint" in capsys.readouterr().out
     assert client.get_run(resumed).info.status == "FINISHED"
     assert _steps(resumed) == [1, 2, 3, 4] and _steps(resumed, "test_top1") == [1, 2, 3, 4]
-    assert client.get_run(resumed).data.tags["resumed_at_epoch"] == "2"
+    tags = client.get_run(resumed).data.tags
+    assert tags["resumed_at_epoch"] == "2"
+    # Finished: no error left on it; the interruption is history.
+    assert "error" not in tags and "interrupted" not in tags
+    assert tags["interruptions"] == "1" and tags["last_interruption"].startswith("SIGINT: KeyboardInterrupt")
     # fp32 on the CPU: bit for bit what the uninterrupted job computed.
     a, b = final_weights[0], final_weights[1]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
