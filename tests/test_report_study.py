@@ -102,6 +102,25 @@ def test_pretraining_that_ran_all_its_epochs():
         "20 epochs (`pre_patience`); the pruned weights are those of epoch 196 (best test loss 0.4123, top-1 88.50%).")
 
 
+def test_a_dense_run_that_repeats_the_pretraining_is_compared_with_it():
+    pre = pretrain("patience", 12, 8)
+    pre.params.update(optimizer="adam", lr="0.001", batch_size="128", weight_decay="0.0", lr_drops="")
+    pre.tags.update(model="resnet20", seed="0", precision="bf16", resumed_at_epoch="5")
+    dense = make_run("rand", 1, metrics={"test_accuracy": 70.0})
+    dense.histories = {k: v[:10] for k, v in pre.histories.items()}  # the same numbers, 10 epochs of them
+    other_seed = make_run("rand", 1, 1, metrics={"test_accuracy": 71.0})
+    s = study([dense, other_seed, make_run("snip", 10, metrics={"test_accuracy": 60.0}), mag(10)], [pre])
+    assert s.twins(pre) == [dense]
+    assert findings.pretrain_text(s)[2] == (
+        f"Reproducibility: the dense run {dense.label} has every setting of this pre-training (model, seed, data, "
+        "optimizer, precision) and prunes nothing, so its 10 epochs should repeat the pre-training's. They do, "
+        "exactly: train_loss, test_loss and test_top1 are equal at every epoch. Training here is deterministic, and "
+        "resuming from a checkpoint (last: resnet20-pretrain-200ep-s0 at epoch 5) does not change it.")
+    dense.histories["test_top1"] = [(e, v + 0.01 * (e == 3)) for e, v in dense.histories["test_top1"]]
+    assert "They differ, by at most 0.01 in test_top1 (the largest gap" in findings.pretrain_text(s)[2]
+    dense.params["lr"] = "0.01"  # another setting: not a repetition, nothing to compare
+    assert s.twins(pre) == [] and len(findings.pretrain_text(s)) == 2
+
 def test_no_pretraining_is_one_line(tmp_path):
     s = study([make_run("rand", 10, metrics={"test_accuracy": 50.0})])
     assert findings.pretrain_text(s) == ["No run of ResNet20 starts from a pre-training run (no run has a "

@@ -225,7 +225,8 @@ def load_details(s: Study) -> None:
     """What the per-layer tables, the figures and the findings read beyond a run's
     params, tags and metrics, for the runs that need it: layers.json of the main model's
     runs at the focus ratio, one run's histograms.json per pruner there, their loss
-    histories, and the pre-training runs' per-epoch curves."""
+    histories, and the per-epoch curves of the pre-training runs and of the dense runs that
+    repeat them."""
     client = MlflowClient()
     F = s.opts.focus
     focus = {r.id: r for r in s.runs if r.model == s.main and r.compression == F}
@@ -244,7 +245,8 @@ def load_details(s: Study) -> None:
             if r.histograms:
                 break
     for pre in s.pretrains:
-        _curves(client, pre)
+        for run in (pre, *s.twins(pre)):
+            _curves(client, run)
     for r in s.longer:  # the training-budget section draws them beside their cells' runs
         for run in (r, *s.cell(r.model, r.pruner, r.compression)):
             _curves(client, run)

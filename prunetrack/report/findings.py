@@ -8,9 +8,11 @@ from collections import Counter
 
 from prunetrack.report.records import (
     ACCURACY,
+    CURVE_KEYS,
     NOT_LOGGED,
     TIMED_TEST_TIME,
     Pretrain,
+    Run,
     Stat,
     Study,
     cell_name,
@@ -308,12 +310,38 @@ def pretrain_sentence(pre: Pretrain, shared: bool) -> str:
     return text + "."
 
 
+def twin_sentence(pre: Pretrain, twin: Run) -> str:
+    """Whether a dense run repeats the pre-training it shares every setting with: a check of
+    determinism, and of resuming, when either was resumed from a checkpoint."""
+    gap = {}
+    for k in CURVE_KEYS:
+        a, b = dict(pre.histories.get(k, [])), dict(twin.histories.get(k, []))
+        if common := a.keys() & b.keys():
+            gap[k] = (len(common), max(abs(a[e] - b[e]) for e in common))
+    if not gap:
+        return ""
+    epochs = max(n for n, _ in gap.values())
+    resumed = [f"{r.name} at epoch {r.tags['resumed_at_epoch']}" for r in (pre, twin) if r.tags.get("resumed_at_epoch")]
+    text = (f"Reproducibility: the dense run {twin.label} has every setting of this pre-training (model, seed, data, "
+            f"optimizer, precision) and prunes nothing, so its {plural(epochs, 'epoch')} should repeat the "
+            f"pre-training's. ")
+    if all(v == 0 for _, v in gap.values()):
+        text += f"They do, exactly: {join_words(list(gap))} are equal at every epoch. Training here is deterministic"
+        if resumed:
+            text += f", and resuming from a checkpoint (last: {join_words(resumed)}) does not change it"
+        return text + "."
+    return text + ("They differ, by at most " + join_words([f"{v:.4g} in {k}" for k, (_, v) in gap.items() if v]) +
+                   " (the largest gap over the epochs): the arithmetic is not bit-for-bit repeatable here, so "
+                   "differences of that size between runs are noise, not an effect of their settings.")
+
+
 def pretrain_text(s: Study) -> list[str]:
     """The sentences of the pre-training section (its figure aside)."""
     M = model_label(s.main)
     out = []
     for pre in s.pretrains:
         out += [pretrain_sentence(pre, len(s.pretrains) == 1), ""]
+        out += [x for twin in s.twins(pre) if (line := twin_sentence(pre, twin)) for x in (line, "")]
     if s.pretrain_missing:
         out += [f"Runs of {M} name pre-training run(s) {', '.join(f'`{i}`' for i in s.pretrain_missing)} (tag "
                 "`pretrain_run`) that the experiment does not hold as FINISHED pre-training runs.", ""]

@@ -26,6 +26,9 @@ SHARED = "†"
 ABLATIONS = ("shuffle", "reinit", "invert")
 TAG_FIRST = {"device", "precision"}  # the param says "auto", the tag names what the job used
 UNSHARED_AT_1X = ("mag",)  # starts from pre-trained weights: its 1x is a network of its own
+# What decides a training's trajectory: a dense run with these of a pre-training trains the same.
+TWIN_KEYS = ("seed", "dataset_sha256", "train_subset", "optimizer", "lr", "weight_decay", "lr_drops", "lr_drop_rate",
+             "batch_size", "precision")
 CURVE_KEYS = ("train_loss", "test_loss", "test_top1")  # per-epoch metrics the figures draw
 
 
@@ -63,6 +66,18 @@ TIMED_TEST_TIME = Metric("timed_test_time", "Testing time (whole test set)", "ms
 FLOPS = Metric("flops_effective", "FLOPs (effective, 2 x MACs)", "MFLOPs", 1e-6, 1)
 
 
+def setting(params: dict, tags: dict, key: str, tag_first: bool = True) -> str | None:
+    """A run's setting as the job resolved it: `<key>_resolved` first, then the param, then
+    the tag (the tag first for the settings whose param says "auto")."""
+    sources = (params.get(f"{key}_resolved"), params.get(key), tags.get(key))
+    if key in TAG_FIRST and tag_first:
+        sources = (tags.get(key), *sources)
+    for source in sources:
+        if source is not None:
+            return norm(source)
+    return config.value_before(key)
+
+
 @dataclass
 class Run:
     """A FINISHED prune run as the report needs it. `histories`, `layers` and
@@ -82,15 +97,7 @@ class Run:
     histograms: dict | None = None
 
     def setting(self, key: str, tag_first: bool = True) -> str | None:
-        """A setting as the job resolved it: `<key>_resolved` first, then the param, then the
-        tag (the tag first for the settings whose param says "auto")."""
-        sources = (self.params.get(f"{key}_resolved"), self.params.get(key), self.tags.get(key))
-        if key in TAG_FIRST and tag_first:
-            sources = (self.tags.get(key), *sources)
-        for source in sources:
-            if source is not None:
-                return norm(source)
-        return config.value_before(key)
+        return setting(self.params, self.tags, key, tag_first)
 
     @property
     def label(self) -> str:
@@ -119,6 +126,9 @@ class Pretrain:
     @property
     def label(self) -> str:
         return f"{self.name} ({self.id[:8]})"
+
+    def setting(self, key: str) -> str | None:
+        return setting(self.params, self.tags, key)
 
 
 def norm(value) -> str:
@@ -221,6 +231,13 @@ class Study:
         """Sort key: the order the options list models and pruners in, others after, by name."""
         rank = lambda items, x: (items.index(x), "") if x in items else (len(items), x or "")
         return (*rank(self.models, model), *rank(self.pruners, pruner))
+
+    def twins(self, pre: Pretrain) -> list[Run]:
+        """The dense runs that train what `pre` trained (its model from the same seed, on the
+        same data, with the same optimizer settings, nothing pruned): their epochs should
+        repeat the pre-training's first ones."""
+        return [r for r in self.runs if r.dense_from_scratch and r.model == pre.setting("model")
+                and all(r.setting(k) == pre.setting(k) for k in TWIN_KEYS)]
 
     def cell(self, model: str, pruner: str, compression: float) -> list[Run]:
         return self.cells.get((model, pruner, compression), [])
