@@ -1,12 +1,16 @@
 """Honest cost up front: how long the cells of a sweep will take on this machine.
 
-A short probe times a few real training steps, one evaluation batch and one pruning
-round of each distinct (model, batch sizes, precision, device) on random data of the
-dataset's shape; a cell's estimate is its remaining epochs at those rates plus its
-pruning. Printed by `prunetrack sweep SPEC --dry-run`.
+The rates of each distinct (model, batch sizes, precision, device) come from the runs that
+already trained it on this kind of device, when the experiment has some: the median of
+their epochs' times. Otherwise a short probe times a few real training steps, one
+evaluation batch and one pruning round on random data of the dataset's shape. (A probe
+taken while a sweep trains shares the cores with it, and overstates the time several-fold;
+the runs' own epochs do not.) A cell's estimate is its remaining epochs at those rates plus
+its pruning. Printed by `prunetrack sweep SPEC --dry-run`.
 """
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +68,32 @@ def probe(cfg: JobConfig, pruners: set[str], steps: int = 2) -> Rates:
                                             repeats=1, warmup=0, device=device).median
         masking.set_masks(model, {k: torch.ones_like(m) for k, m in masking.get_masks(model).items()})
     return Rates(t.batch_size / train, t.test_batch_size / test, rounds)
+
+
+def measured(cfg: JobConfig, records: list[dict], device: str, precision: str) -> tuple[Rates, str] | None:
+    """The rates that earlier runs of `cfg`'s training measured on `device` (its description,
+    as the runs' `device` tag gives it) in `precision`, from tracking.speed_records, and a
+    line saying where they come from; None when no run matches. Pruners that no run used
+    are missing from prune_round."""
+    t, d = cfg.train, cfg.data
+    want_tags = {"model": cfg.model.model, "dataset": d.dataset, "device": device, "precision": precision}
+    want_params = {"batch_size": t.batch_size, "test_batch_size": t.test_batch_size, "optimizer": t.optimizer,
+                   "train_subset": d.train_subset, "test_subset": d.test_subset}
+    runs = [r for r in records if all(r["tags"].get(k) == str(v) for k, v in want_tags.items())
+            and all(r["params"].get(k) == str(v) for k, v in want_params.items())]
+    tested = [r["metrics"]["test_images_per_sec"] for r in runs if "test_images_per_sec" in r["metrics"]]
+    if not tested:
+        return None
+    n_train = min(SIZES.get(d.dataset, (50_000, 0))[0], d.train_subset or 10**9)
+    epochs = [s for r in runs for s in r["epoch_times"]]
+    rounds: dict[str, list[float]] = {}
+    for r in runs:
+        iterations = r["params"].get("iterations_resolved") or r["params"].get("iterations")
+        if "pruning_time" in r["metrics"] and r["tags"].get("pruner") and iterations and int(iterations) > 0:
+            rounds.setdefault(r["tags"]["pruner"], []).append(r["metrics"]["pruning_time"] / int(iterations))
+    rates = Rates(n_train / statistics.median(epochs), statistics.median(tested),
+                  {p: statistics.median(v) for p, v in rounds.items()})
+    return rates, f"the median of {len(epochs)} epochs of {len(runs)} finished runs on this kind of device"
 
 
 def probe_key(cfg: JobConfig) -> tuple:

@@ -84,7 +84,7 @@ def run_sweep(spec: Spec, parallel: int = 1, executor: str = "local", ray_addres
          f"finished, {len(shared)} computed by another cell, {len(todo)} to run ({executor}"
          + (f", {parallel} at a time)" if executor == "local" else ")"))
     if dry_run:
-        dry_run_table(spec, plan, done, parallel if executor == "local" else 1, echo)
+        dry_run_table(spec, plan, done, parallel if executor == "local" else 1, echo, experiment)
         return Summary(spec.name, skipped + shared + [Result(c, "planned") for c in todo], time.time() - start)
 
     if executor == "ray" and ray_address and not store.tracking_is_remote():
@@ -137,13 +137,34 @@ def run_sweep(spec: Spec, parallel: int = 1, executor: str = "local", ray_addres
 
 
 def dry_run_table(spec: Spec, plan: list[Cell], done: dict[str, str], parallel: int,
-                  echo: Callable[[str], None]) -> float:
+                  echo: Callable[[str], None], experiment: str = "") -> float:
     """List every cell with its state (finished / partial at epoch k of n / shared / pending)
-    and its estimated time on this machine, from a short probe; returns the total seconds."""
-    from prunetrack import checkpoint, estimate
+    and its estimated time on this machine, from the epochs of earlier runs of the same
+    training here or else a short probe; returns the total seconds."""
+    from prunetrack import checkpoint, estimate, training
+    from prunetrack.job import device_name, resolve_device
 
-    probes: dict[tuple, estimate.Rates] = {}
-    pruners = {c.config.prune.pruner for c in plan}
+    rates: dict[tuple, tuple[estimate.Rates, str]] = {}
+    records = tracking.speed_records(experiment or spec.experiment)
+    pruners = {c.config.prune.pruner for c in plan if c.config_hash not in done}
+
+    def rates_for(cfg) -> estimate.Rates:
+        key = estimate.probe_key(cfg)
+        if key not in rates:
+            device = resolve_device(cfg.run.device)
+            found = estimate.measured(cfg, records, device_name(device),
+                                      training.resolve_precision(cfg.train.precision, device))
+            if found is None or not pruners <= found[0].prune_round.keys():
+                echo(f"  (probing {cfg.model.model} on {cfg.run.device}, batch {cfg.train.batch_size}, "
+                     f"{cfg.train.precision} ...)")
+                probed = estimate.probe(cfg, pruners)
+                if found is None:
+                    found = probed, "a probe of 2 steps"
+                else:  # the runs' rates; the probe's rounds for the pruners no run used
+                    found[0].prune_round = {**probed.prune_round, **found[0].prune_round}
+            rates[key] = found
+        return rates[key][0]
+
     total = 0.0
     echo(f"  {'cell':36s} {'run name':34s} {'state':30s} {'estimate':>9s}")
     for c in plan:
@@ -151,11 +172,6 @@ def dry_run_table(spec: Spec, plan: list[Cell], done: dict[str, str], parallel: 
         if c.config_hash in done:
             state, left = f"finished (run {done[c.config_hash][:8]})", 0.0
         else:
-            key = estimate.probe_key(cfg)
-            if key not in probes:
-                echo(f"  (probing {cfg.model.model} on {cfg.run.device}, batch {cfg.train.batch_size}, "
-                     f"{cfg.train.precision} ...)")
-                probes[key] = estimate.probe(cfg, pruners)
             ck_key = f"pretrain-{c.config_hash}" if c.kind == "pretrain" else c.config_hash
             saved = checkpoint.peek(cfg.run.checkpoint_dir, ck_key)
             epochs = cfg.train.pre_epochs if c.kind == "pretrain" else cfg.train.post_epochs
@@ -163,21 +179,22 @@ def dry_run_table(spec: Spec, plan: list[Cell], done: dict[str, str], parallel: 
                 state = f"partial: epoch {saved['epoch']} of {epochs}"
             else:
                 state = "pending" + (f" (at most {epochs} epochs)" if c.kind == "pretrain" else "")
-            left = estimate.seconds(cfg, probes[key], c.kind, saved["epoch"] if saved else 0)
+            left = estimate.seconds(cfg, rates_for(cfg), c.kind, saved["epoch"] if saved else 0)
             total += left
         echo(f"  {c.key:36s} {c.name:34s} {state:30s} {clock(left):>9s}")
     for c in spec.cells:
         if c.shared_with:
             echo(f"  {c.key:36s} {c.name:34s} {'shared: computed by ' + c.shared_with:30s} {clock(0):>9s}")
-    for key, r in probes.items():
-        rounds = ", ".join(f"{p} {s:.2f}s" for p, s in r.prune_round.items())
-        echo(f"  probe {key[0]} batch {key[2]} {key[4]}: train {r.train:.0f} img/s, test {r.test:.0f} img/s; "
-             f"one pruning round: {rounds}")
+    for key, (r, source) in rates.items():
+        rounds = ", ".join(f"{p} {s:.2f}s" for p, s in sorted(r.prune_round.items()))
+        echo(f"  rates of {key[0]} batch {key[2]} {key[4]} ({source}): train {r.train:.0f} img/s, "
+             f"test {r.test:.0f} img/s; one pruning round: {rounds}")
     count, size = checkpoint.disk_usage(plan[0].config.run.checkpoint_dir if plan else "")
     echo(f"  checkpoints: {count} saved, {size / 2**20:,.0f} MiB in {checkpoint.root(plan[0].config.run.checkpoint_dir if plan else '')}")
+    pretraining = any(c.kind == "pretrain" and c.config_hash not in done for c in plan)
     echo(f"estimated time for what is left: {clock(total / max(parallel, 1))}"
          + (f" ({parallel} at a time; {clock(total)} of cell time)" if parallel > 1 else "")
-         + "; pre-training counted at its maximum epochs")
+         + ("; pre-training counted at its maximum epochs" if pretraining else ""))
     return total
 
 

@@ -331,6 +331,30 @@ KIND_TAG = "prunetrack.kind"
 
 # ---------------------------------------------------------------------------- sweeps
 
+def speed_records(experiment: str) -> list[dict]:
+    """What the FINISHED prune and pre-training runs of `experiment` measured of their own
+    speed, for a sweep's estimate: each run's tags, params and metrics, and `epoch_times`,
+    the seconds of each training epoch."""
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    out, token = [], None
+    while True:
+        page = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'", max_results=1000,
+                                  page_token=token)
+        for run in page:
+            if run.data.tags.get(KIND_TAG, "prune") not in ("prune", "pretrain"):
+                continue
+            times = [m.value for m in client.get_metric_history(run.info.run_id, "epoch_time")]
+            if times:
+                out.append({"tags": run.data.tags, "params": run.data.params, "metrics": run.data.metrics,
+                            "epoch_times": times})
+        token = page.token
+        if not token:
+            return out
+
+
 def experiment_of_run(run_id: str) -> str:
     """The experiment name of an existing run (a sweep under `mlflow run` puts its cells
     where mlflow put the sweep's own run)."""

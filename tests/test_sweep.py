@@ -127,6 +127,26 @@ def test_shipped_smoke_spec_plans_its_grid(tmp_path, mlflow_store):
     assert runs("prunetrack-smoke") == []  # a dry run creates nothing
 
 
+def test_estimates_use_the_epochs_of_runs_of_the_same_training_on_the_same_device():
+    from prunetrack import estimate
+    from prunetrack.config import JobConfig
+
+    cfg = JobConfig.from_flat(dict(dataset="cifar10", model="vgg16_bn", batch_size=256, pruner="snip"))
+    tags = {"model": "vgg16_bn", "dataset": "cifar10", "device": "cpu (x86_64, 2 threads)", "precision": "bf16",
+            "pruner": "snip"}
+    params = {"batch_size": "256", "test_batch_size": "256", "optimizer": "adam", "train_subset": "0",
+              "test_subset": "0", "iterations": "1"}
+    record = lambda epochs, **changes: {"tags": {**tags, **changes}, "params": params, "epoch_times": epochs,
+                                        "metrics": {"test_images_per_sec": 1000.0, "pruning_time": 2.0}}
+    records = [record([100.0, 100.0, 400.0]), record([100.0, 125.0]),  # a disturbed epoch (400 s) is outvoted
+               record([10.0] * 5, device="NVIDIA H100")]               # another device: not these rates
+    rates, source = estimate.measured(cfg, records, "cpu (x86_64, 2 threads)", "bf16")
+    assert rates.train == 50_000 / 100.0 and rates.test == 1000.0 and rates.prune_round == {"snip": 2.0}
+    assert source == "the median of 5 epochs of 2 finished runs on this kind of device"
+    assert estimate.seconds(cfg, rates) == 2.0 + 10 * (100.0 + 10.0) + (cfg.run.timing_repeats + 1) * 10.0
+    assert estimate.measured(cfg, records, "cpu (x86_64, 2 threads)", "fp32") is None
+
+
 def test_study_specs_cover_the_study():
     missing = [p for p in ("rand", "mag", "snip", "grasp", "synflow") if p not in pruning.PRUNERS]
     if missing:
@@ -169,6 +189,11 @@ def test_killed_sweep_resumes_only_missing_cells(tmp_path, mlflow_store):
     assert len(first) == 1, output
     assert all(r.info.status != "RUNNING" for r in runs()), "a kill left a run RUNNING"
     assert [r.info.status for r in parents()] == ["KILLED"]
+    # The estimate for the cell left takes the finished cell's own epochs, not a probe.
+    plan: list[str] = []
+    sweep.run_sweep(specs.load_spec(path), dry_run=True, echo=plan.append)
+    assert not any("probing" in line for line in plan), plan
+    assert any("epochs of 1 finished runs on this kind of device" in line for line in plan), plan
 
     summary = sweep.run_sweep(specs.load_spec(path))
     assert [r.status for r in summary.results] == ["skipped", "finished"]
