@@ -163,6 +163,14 @@ def test_controlled_timing_is_used_with_its_spread_and_conditions():
     assert "measured testing time 55.0 ms vs 100.0 ms dense [ResNet20 · 1x] is a 1.82x speedup" in found
 
 
+def test_testing_times_of_ten_seconds_and_more_are_in_seconds():
+    s = study([timed("rand", 1, 10.1885, 10.1051, 10.2754), timed("rand", 10, 10.0952, 10.0855, 10.1836)],
+              pruners=("rand",))
+    text = "\n".join(tables.tables_section(s))
+    assert "**Table 3.** Testing time (s, whole test set;" in text
+    assert rows(text, 3) == [["1x", "10.19 [10.11–10.28]"], ["10x", "10.10 [10.09–10.18]"]]
+    assert "measured testing time 10.10 s vs 10.19 s dense" in "\n".join(findings.speedup_findings(s))
+
 def test_without_the_timing_pass_the_jobs_times_are_flagged():
     s = study([make_run("rand", 10, metrics={"test_accuracy": 50.0, "test_time": 0.02})], pruners=("rand",))
     assert s.time_metric.key == "test_time"

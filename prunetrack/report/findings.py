@@ -215,7 +215,7 @@ def speedup_findings(s: Study) -> list[str]:
             found = True
             measured = base.mean / t.mean
             out.append(f"- {cell_name(M, p, c)}: FLOPs predict a {statistics.fmean(theo):.2f}x speedup; measured "
-                       f"testing time {t.mean * 1e3:.1f} ms vs {base.mean * 1e3:.1f} ms dense "
+                       f"testing time {metric.fmt(t.mean)} {metric.unit} vs {metric.fmt(base.mean)} {metric.unit} dense "
                        f"{cell_name(M, None, 1.0)} is a {measured:.2f}x speedup "
                        f"({measured / statistics.fmean(theo):.0%} of the predicted).")
     if missing:

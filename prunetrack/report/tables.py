@@ -71,7 +71,7 @@ def spread(s: Study, model: str, pruner: str, c: float) -> str:
     hi = [r.metrics[f"{TIMED_TEST_TIME.key}_max"] for r in runs if f"{TIMED_TEST_TIME.key}_max" in r.metrics]
     if not lo or not hi:
         return ""
-    return f" [{TIMED_TEST_TIME.fmt(min(lo))}–{TIMED_TEST_TIME.fmt(max(hi))}]"
+    return f" [{s.time_metric.fmt(min(lo))}–{s.time_metric.fmt(max(hi))}]"
 
 
 def value(s: Study, model: str, pruner: str, c: float, metric: Metric) -> str:
@@ -104,9 +104,9 @@ def timing_conditions(s: Study) -> str:
 def time_caption(s: Study) -> tuple[str, str, list[str]]:
     """What Table 3 says it holds, how it was measured, and the note under it."""
     if s.time_metric.key == TIMED_TEST_TIME.key:
-        return ("Testing time (ms, whole test set; the median of a controlled timing pass, [min–max] over its "
+        return (f"Testing time ({s.time_metric.unit}, whole test set; the median of a controlled timing pass, [min–max] over its "
                 "rounds beside it) of", f" Measured: {timing_conditions(s)}.", [])
-    return ("Testing time (ms, whole test set, median over repeats) of", "",
+    return (f"Testing time ({s.time_metric.unit}, whole test set, median over repeats) of", "",
             [f"These are the jobs' own `test_time`, measured while training shared the machine: they are "
              f"not comparable across cells. No run of {model_label(s.main)} has `{TIMED_TEST_TIME.key}` "
              "from a controlled timing pass.", ""])
