@@ -192,7 +192,10 @@ def sweep(spec, parallel, executor, ray_address, dry_run):
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--data-dir", default="", help="Where the dataset is (default: each run's data_dir).")
 @click.option("--models", default="", callback=_csv(str, "model names"), help="Only these models (default: all).")
-def time_cmd(experiment, rounds, batch_size, device, data_dir, models):
+@click.option("--untimed", is_flag=True,
+              help="Only the runs without a timed_test_time yet: the cells a growing study finished since its "
+                   "last pass. A pass over every run compares best; a study's last one should be.")
+def time_cmd(experiment, rounds, batch_size, device, data_dir, models, untimed):
     """Time inference under the same conditions for every finished run: rebuild each
     network from its logged masks, time a full test-set evaluation of each in interleaved
     rounds, and log the median and spread (timed_test_time*) and the conditions
@@ -206,7 +209,7 @@ def time_cmd(experiment, rounds, batch_size, device, data_dir, models):
     from prunetrack import store, timing
 
     try:
-        timing.time_runs(experiment, rounds, batch_size, device, data_dir, models, echo=click.echo)
+        timing.time_runs(experiment, rounds, batch_size, device, data_dir, models, echo=click.echo, untimed=untimed)
     except (store.TrackingError, ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
 

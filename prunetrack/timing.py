@@ -46,8 +46,9 @@ def finished_prune_runs(experiment: str, models_: list[str] | None = None) -> li
 
 def time_runs(experiment: str, rounds: int = 5, batch_size: int = 256, device: str = "auto",
               data_dir: str = "", models_: list[str] | None = None,
-              echo: Callable[[str], None] = print) -> list[Timed]:
-    """Time every finished prune run of `experiment` and log the results to each run."""
+              echo: Callable[[str], None] = print, untimed: bool = False) -> list[Timed]:
+    """Time every finished prune run of `experiment` (with `untimed`, only those without a
+    timed_test_time yet) and log the results to each run."""
     from prunetrack.job import device_name, resolve_device
 
     if rounds < 1:
@@ -56,6 +57,11 @@ def time_runs(experiment: str, rounds: int = 5, batch_size: int = 256, device: s
     runs = finished_prune_runs(experiment, models_)
     if not runs:
         raise store.TrackingError(f"experiment {experiment!r} has no FINISHED prune runs to time")
+    if untimed:
+        runs = [r for r in runs if "timed_test_time" not in r.data.metrics]
+        if not runs:
+            echo(f"every FINISHED prune run of {experiment!r} has a timed_test_time already; nothing to time")
+            return []
     load = os.getloadavg()[0]
     if load > 0.5 * (os.cpu_count() or 1):
         echo(f"WARNING: load average {load:.2f} on {os.cpu_count()} CPUs: something else is running, and the "

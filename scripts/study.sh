@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Run the VGG16 study in resumable pieces, with its tracking store, checkpoints and data
 # outside the checkout ($PRUNETRACK_STUDY_DIR, default ~/prunetrack-study), so that they
-# outlive it. The cells run the committed code (a clone in $STUDY/code, updated by `start`),
+# outlive it. The cells run the committed code (a clone in $STUDY/code, brought to HEAD while no cell runs),
 # so editing the checkout while the study runs cannot change a cell half-way.
 #
 #   bash scripts/study.sh start    # import the committed export, then start (or resume) the sweep in the background
 #   bash scripts/study.sh status   # every cell's state and the time left (sweep --dry-run), and the log's tail
 #   bash scripts/study.sh stop     # stop the sweep; the cell in training keeps its checkpoint
-#   bash scripts/study.sh finish   # stop, time the finished cells, export them, regenerate the report
+#   bash scripts/study.sh finish   # stop, time the cells finished since the last pass, export them, regenerate the report
+#   bash scripts/study.sh retime   # stop, then time every finished cell in one pass (the study's last step:
+#                                  # cells of one pass compare best; about a minute per cell on 2 cores)
 #
 # SPEC (default sweeps/study_vgg16.yaml) picks another spec of the same experiment, e.g.
 #   SPEC=sweeps/study_vgg16_seeds.yaml bash scripts/study.sh start
@@ -27,6 +29,10 @@ prunetrack() { PYTHONPATH=$STUDY/code "$PY" -m prunetrack "$@"; }
 
 running() { [ -f sweep.pid ] && kill -0 "$(cat sweep.pid)" 2>/dev/null; }
 
+update_code() {  # the committed code, while no cell runs from the clone
+  if [ -d code/.git ]; then git -C code pull -q --ff-only "$REPO" HEAD; else git clone -q "$REPO" code; fi
+}
+
 stop() {
   if running; then
     kill -TERM "$(cat sweep.pid)"  # the sweep stops its cell (run KILLED, checkpoint kept)
@@ -38,7 +44,7 @@ stop() {
 case "${1:-}" in
   start)
     if running; then echo "the sweep is running already (pid $(cat sweep.pid)); see $STUDY/sweep.log"; exit 0; fi
-    if [ -d code/.git ]; then git -C code pull -q --ff-only "$REPO" HEAD; else git clone -q "$REPO" code; fi
+    update_code
     if [ ! -f data/cifar-10-batches-py/test_batch ]; then
       if [ -f "$REPO/data/cifar-10-batches-py/test_batch" ]; then cp -r "$REPO/data" data
       else "$PY" "$REPO/../shared/data/cifar10_jpeg.py" materialize data; fi
@@ -58,13 +64,19 @@ case "${1:-}" in
     ;;
   finish)
     stop
-    prunetrack time --experiment "$EXPERIMENT"
+    update_code
+    prunetrack time --experiment "$EXPERIMENT" --untimed
     mkdir -p "$(dirname "$EXPORT")"
     prunetrack export --experiment "$EXPERIMENT" -o "$EXPORT"
     cd "$REPO" && "$PY" -m prunetrack report --experiment "$EXPERIMENT" --name cifar10
     ;;
+  retime)
+    stop
+    update_code
+    prunetrack time --experiment "$EXPERIMENT"
+    ;;
   *)
-    sed -n '2,14p' "$0"
+    sed -n '2,16p' "$REPO/scripts/study.sh"
     exit 2
     ;;
 esac

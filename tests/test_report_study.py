@@ -171,6 +171,15 @@ def test_testing_times_of_ten_seconds_and_more_are_in_seconds():
     assert rows(text, 3) == [["1x", "10.19 [10.11–10.28]"], ["10x", "10.10 [10.09–10.18]"]]
     assert "measured testing time 10.10 s vs 10.19 s dense" in "\n".join(findings.speedup_findings(s))
 
+def test_cells_timed_in_several_passes_say_so():
+    later = timed("rand", 10, 0.050, 0.048, 0.060)
+    later.tags.update({"timing.when": "2026-01-05T00:00:00+00:00", "timing.loadavg": "0.30"})
+    s = study([timed("rand", 1, 0.100, 0.095, 0.120), timed("snip", 10, 0.052, 0.05, 0.06), later],
+              pruners=("rand", "snip"))
+    assert ("precision bf16; in 2 passes, each interleaving only its own runs: 2 runs at 2026-01-02T03:04:05+00:00 "
+            "(load average 0.08); 1 run at 2026-01-05T00:00:00+00:00 (load average 0.30). Runs of different passes "
+            "compare less well than runs of one pass.") in "\n".join(tables.tables_section(s))
+
 def test_without_the_timing_pass_the_jobs_times_are_flagged():
     s = study([make_run("rand", 10, metrics={"test_accuracy": 50.0, "test_time": 0.02})], pruners=("rand",))
     assert s.time_metric.key == "test_time"

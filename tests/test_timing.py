@@ -31,6 +31,16 @@ def test_timing_pass_logs_median_spread_and_conditions_to_each_run(mlflow_store)
         assert tags["timing.precision"] in ("fp32", "bf16") and float(tags["timing.loadavg"]) >= 0
         assert run.info.status == "FINISHED"  # logging the times does not reopen the run
 
+    # A study that grows: the next pass with --untimed times only the cell finished since.
+    new = run_job(_job(pruner="rand", compression=5))
+    result = CliRunner().invoke(cli.cli, ["time", "--experiment", "timed", "--rounds", "2", "--batch-size", "50",
+                                          "--device", "cpu", "--untimed"])
+    assert result.exit_code == 0, result.output
+    assert "timing 1 runs" in result.output and client.get_run(new).data.tags["timing.rounds"] == "2"
+    assert all(client.get_run(i).data.tags["timing.rounds"] == "3" for i in ids)  # left as they were
+    result = CliRunner().invoke(cli.cli, ["time", "--experiment", "timed", "--untimed"])
+    assert result.exit_code == 0 and "nothing to time" in result.output
+
 
 def test_timing_command_refuses_an_experiment_without_runs(mlflow_store):
     run_job(_job())

@@ -1,6 +1,8 @@
 """Step 2: the report's tables (markdown), drawn from the study's records only."""
 from __future__ import annotations
 
+from collections import Counter
+
 from prunetrack.report.records import (
     ACCURACY,
     FLOPS,
@@ -96,9 +98,17 @@ def timing_conditions(s: Study) -> str:
         values = list(dict.fromkeys(r.tags[f"timing.{key}"] for r in runs if f"timing.{key}" in r.tags))
         return " / ".join(values) if values else "(not logged)"
 
-    return (f"median of {plural(seen('rounds'), 'round')}, cells interleaved, batch {seen('batch_size')}, "
-            f"{plural(seen('threads'), 'thread')}, device {seen('device')}, precision {seen('precision')}; "
-            f"load average {seen('loadavg')} when it started ({seen('when')})")
+    passes = Counter(r.tags.get("timing.when") for r in runs)
+    text = (f"median of {plural(seen('rounds'), 'round')}, cells interleaved, batch {seen('batch_size')}, "
+            f"{plural(seen('threads'), 'thread')}, device {seen('device')}, precision {seen('precision')}; ")
+    if len(passes) == 1:
+        return text + f"load average {seen('loadavg')} when it started ({seen('when')})"
+    parts = []
+    for when, n in sorted(passes.items(), key=lambda kv: str(kv[0])):
+        load = next(r.tags.get("timing.loadavg", "?") for r in runs if r.tags.get("timing.when") == when)
+        parts.append(f"{plural(n, 'run')} at {when} (load average {load})")
+    return text + (f"in {len(passes)} passes, each interleaving only its own runs: {'; '.join(parts)}. Runs of "
+                   "different passes compare less well than runs of one pass")
 
 
 def time_caption(s: Study) -> tuple[str, str, list[str]]:
