@@ -325,6 +325,35 @@ def test_export_then_import_regenerates_the_same_report(study, tmp_path, monkeyp
         mlflow.set_tracking_uri(study["uri"])
 
 
+STUDY_REPORT = os.path.join(REPO, "reports", "cifar10")
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(STUDY_REPORT, "runs.jsonl.gz")), reason="no committed study")
+def test_the_committed_study_report_is_what_its_committed_export_regenerates(tmp_path, monkeypatch, new_store):
+    """What the README promises a reader of reports/cifar10: importing the committed export
+    into an empty store and running the report gives the committed tables and findings (run
+    ids aside: imported runs get new ones)."""
+    uri = new_store(tmp_path / "mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(uri)
+    try:
+        result = CliRunner().invoke(cli.cli, ["import", os.path.join(STUDY_REPORT, "runs.jsonl.gz")])
+        assert result.exit_code == 0, result.output
+        result = CliRunner().invoke(cli.cli, ["report", "--experiment", "study", "--name", "cifar10",
+                                              "--output-dir", str(tmp_path / "reports")])
+        assert result.exit_code == 0, result.output
+    finally:
+        mlflow.set_tracking_uri(None)
+    committed = open(os.path.join(STUDY_REPORT, "REPORT.md")).read()
+    text = open(tmp_path / "reports" / "cifar10" / "REPORT.md").read()
+    numbers = re.findall(r"\*\*Table (\d+)\.\*\*", committed)
+    assert numbers and numbers == re.findall(r"\*\*Table (\d+)\.\*\*", text)
+    for n in numbers:
+        assert table(text, int(n)) == table(committed, int(n)), f"table {n} differs from the committed report's"
+    findings = lambda t: re.sub(r"\([0-9a-f]{8}\)", "(id)", t.split("## Findings", 1)[1].split("\n## ", 1)[0])
+    assert findings(text) == findings(committed)
+
 def test_import_refuses_a_file_that_is_not_an_export(mlflow_store, tmp_path):
     bad = tmp_path / "runs.jsonl"
     bad.write_text('{"run_id": "abc"}\n')
