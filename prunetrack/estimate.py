@@ -89,7 +89,8 @@ def measured(cfg: JobConfig, records: list[dict], device: str, precision: str) -
     rounds: dict[str, list[float]] = {}
     for r in runs:
         iterations = r["params"].get("iterations_resolved") or r["params"].get("iterations")
-        if "pruning_time" in r["metrics"] and r["tags"].get("pruner") and iterations and int(iterations) > 0:
+        scored = r["tags"].get("pruner") and r["tags"].get("dense") != "true"  # at 1x nothing is scored
+        if "pruning_time" in r["metrics"] and scored and iterations and int(iterations) > 0:
             rounds.setdefault(r["tags"]["pruner"], []).append(r["metrics"]["pruning_time"] / int(iterations))
     rates = Rates(n_train / statistics.median(epochs), statistics.median(tested),
                   {p: statistics.median(v) for p, v in rounds.items()})

@@ -139,10 +139,12 @@ def test_estimates_use_the_epochs_of_runs_of_the_same_training_on_the_same_devic
     record = lambda epochs, **changes: {"tags": {**tags, **changes}, "params": params, "epoch_times": epochs,
                                         "metrics": {"test_images_per_sec": 1000.0, "pruning_time": 2.0}}
     records = [record([100.0, 100.0, 400.0]), record([100.0, 125.0]),  # a disturbed epoch (400 s) is outvoted
-               record([10.0] * 5, device="NVIDIA H100")]               # another device: not these rates
+               record([10.0] * 5, device="NVIDIA H100"),               # another device: not these rates
+               record([100.0], dense="true")]                          # trained, but scored nothing
+    records[-1]["metrics"] = {"test_images_per_sec": 1000.0, "pruning_time": 0.0}
     rates, source = estimate.measured(cfg, records, "cpu (x86_64, 2 threads)", "bf16")
     assert rates.train == 50_000 / 100.0 and rates.test == 1000.0 and rates.prune_round == {"snip": 2.0}
-    assert source == "the median of 5 epochs of 2 finished runs on this kind of device"
+    assert source == "the median of 6 epochs of 3 finished runs on this kind of device"
     assert estimate.seconds(cfg, rates) == 2.0 + 10 * (100.0 + 10.0) + (cfg.run.timing_repeats + 1) * 10.0
     assert estimate.measured(cfg, records, "cpu (x86_64, 2 threads)", "fp32") is None
 
