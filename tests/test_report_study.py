@@ -260,6 +260,9 @@ def test_a_missing_cells_command_carries_its_pruners_own_settings(tmp_path):
                                       "-P pre_epochs=200 -P pre_patience=20`")
     assert "pre_epochs" not in command("rand") and "iterations" not in command("rand")
     assert "-P iterations" not in command("synflow")  # 100 is SynFlow's default
+    # Tables 1-4 hold ResNet20 at 1x and 10x for 4 pruners: the 10x row ran (two runs without accuracy count).
+    assert ("**Coverage**: the cells of Tables 1-4 with a finished run: ResNet20 4 of 8; the others are listed, each "
+            "with the command that fills it, under [Missing cells](#missing-cells).") in text
 
 def test_runs_from_other_commits_are_listed_but_not_flagged_as_another_protocol(tmp_path):
     runs = [make_run("rand", 10, metrics={"test_accuracy": 80.0}, tags={"git_commit": "aaa111"}),

@@ -190,6 +190,21 @@ def pretrain_section(s: Study, out: str, numbered: Numbered) -> list[str]:
     return md + findings.pretrain_text(s)
 
 
+def coverage(s: Study) -> str:
+    """How far the study is: per model, the cells of tables 1-4 that have a finished run."""
+    cells = {(m, p, s.opts.focus) for m in s.models for p in s.pruners}
+    cells |= {(s.main, p, c) for p in s.pruners for c in s.compressions}
+    parts, absent = [], 0
+    for m in s.models:
+        mine = [k for k in cells if k[0] == m]
+        missing = sum("no finished run" in s.missing.get(k, ()) for k in mine)
+        parts.append(f"{model_label(m)} {len(mine) - missing} of {len(mine)}")
+        absent += missing
+    return ("**Coverage**: the cells of Tables 1-4 with a finished run: " + ", ".join(parts)
+            + ("; the others are listed, each with the command that fills it, under [Missing cells](#missing-cells)."
+               if absent else "."))
+
+
 def render(s: Study, out: str) -> str:
     """The report's markdown; draws its figures into `out`."""
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -197,6 +212,7 @@ def render(s: Study, out: str) -> str:
           f"Generated {now} by `prunetrack report` from the MLflow tracking server; every number below "
           f"is read from the runs. Cells with several runs (seeds) show mean ± std (n); {NO_RUN} marks "
           f"a cell without a finished run, {NOT_LOGGED} one whose runs did not log the measurement.", ""]
+    md += [coverage(s), ""]
     md += settings_section(s)
     md += tables.tables_section(s)
     numbered = Numbered()
