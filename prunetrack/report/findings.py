@@ -372,10 +372,12 @@ def protocol_words(s: Study, runs) -> tuple[str, bool]:
     """These runs' training in words, and whether it is as long and scheduled as the paper's."""
     opt, epochs = s.common("optimizer", runs) or "?", s.common("post_epochs", runs) or "?"
     drops, wd = s.common("lr_drops", runs) or "", s.common("weight_decay", runs) or "0"
+    has, lacks = [], []
+    (has if drops else lacks).append(f"lr drops at epochs {drops}" if drops else "an lr schedule")
+    (has if wd != "0" else lacks).append(f"weight decay {wd}" if wd != "0" else "weight decay")
+    (has if s.main.endswith("_bn") else lacks).append("BatchNorm")
     words = f"{epochs} epoch{'s' * (epochs != '1')} of {opt}"
-    words += f" with lr drops at epochs {drops}" if drops else " without an lr schedule"
-    words += f", weight decay {wd}" if wd != "0" else ", no weight decay"
-    words += ", BatchNorm" if s.main.endswith("_bn") else ", no BatchNorm"
+    words += " " + ", ".join(([f"with {join_words(has)}"] if has else []) + ([f"without {' or '.join(lacks)}"] if lacks else []))
     try:
         close = float(epochs) >= PAPER_EPOCHS and opt in ("sgd", "momentum") and bool(drops) and wd != "0"
     except ValueError:
@@ -410,8 +412,8 @@ def synflow_paper_section(s: Study) -> list[str]:
         predict = (f"These runs train for {ours}, close to the paper's 160 epochs of SGD with lr drops, weight "
                    "decay and BatchNorm, so absolute accuracies should land near the paper's")
     else:
-        predict = (f"What the differences predict: 160 epochs of SGD with lr drops and weight decay, and "
-                   f"BatchNorm, reach a higher dense accuracy than these runs' {ours}, so absolute accuracies "
+        predict = (f"What the differences predict: 160 epochs of SGD with lr drops, weight decay and BatchNorm "
+                   f"reach a higher dense accuracy than these runs' {ours}, so absolute accuracies "
                    "here are expected below the paper's at every ratio")
     source = s.common("dataset_source", runs)
     if source and "jpeg" in source.lower():
