@@ -11,6 +11,7 @@ from prunetrack.report.records import (
     CURVE_KEYS,
     NOT_LOGGED,
     TIMED_TEST_TIME,
+    UNSHARED_AT_1X,
     Pretrain,
     Run,
     Stat,
@@ -151,7 +152,8 @@ def layer_findings(s: Study) -> list[str]:
 
 
 def baseline_findings(s: Study) -> list[str]:
-    """What the dense baseline is made of, and where each pruner falls more than 1 point below it."""
+    """What the dense baseline is made of, and, at each ratio, whether each pruner is below it,
+    within noise of it, or above it (Magnitude against its own pre-trained 1x, when it has one)."""
     M = s.main
     base, runs = s.baseline(M, ACCURACY.key)
     _, left_out = s.baseline_runs(M)
@@ -166,21 +168,34 @@ def baseline_findings(s: Study) -> list[str]:
         words += (f"; left out: {plural(len(left_out), 'run')} at 1x that start{'s' * (len(left_out) == 1)} from "
                   f"a pre-training, not the dense network trained from scratch ({names(left_out)})")
     out = [words + "."]
-    where = f"{cell_name(M, None, 1.0)} ({base.n} run{'s' * (base.n > 1)})"
+    noise = Noise(s)
     for p in s.pruners:
         tested = [(c, st) for c in s.compressions if c > 1 and (st := s.stat(M, p, c, ACCURACY.key))]
         if not tested:
             continue
-        drop = next(((c, st) for c, st in tested if st.mean < base.mean - 1.0), None)
-        if drop:
-            c, st = drop
-            out.append(f"- {pruner_label(p)} first falls more than 1 point below the dense baseline at "
-                       f"**{c:g}x**: {st.mean:.2f}% {cell_name(M, p, c)} vs {base.mean:.2f}% {where}.")
+        if p in UNSHARED_AT_1X:  # starts from pre-trained weights: its own 1x is its like-for-like reference
+            own = s.stat(M, p, 1.0, ACCURACY.key)
+            if own is None:
+                d = tested[-1][1].mean - base.mean
+                out.append(f"- {pruner_label(p)} starts from pre-trained weights, so its reference is its own 1x "
+                           f"{cell_name(M, p, 1.0)} (the pre-trained network trained on unpruned), which has no "
+                           f"finished run yet. Against the dense baseline ({d:+.2f} points at {tested[-1][0]:g}x) "
+                           f"the comparison is not like for like: its network trained for the pre-training's "
+                           f"epochs before it was pruned.")
+                continue
+            ref, where = own, f"its own 1x, pre-trained and trained unpruned, {own.mean:.2f}% {cell_name(M, p, 1.0)}"
         else:
-            top = tested[-1]
-            out.append(f"- {pruner_label(p)} stays within 1 point of the dense baseline ({base.mean:.2f}% "
-                       f"{where}) up to the highest ratio run, {top[0]:g}x: {top[1].mean:.2f}% "
-                       f"{cell_name(M, p, top[0])}.")
+            ref, where = base, f"the dense baseline, {base.mean:.2f}% {cell_name(M, None, 1.0)}"
+        verdicts = []
+        for c, st in tested:
+            d, limit = st.mean - ref.mean, noise.threshold(st, ref)
+            verdict = "within noise" if abs(d) < limit else ("below" if d < 0 else "above") + " by more than noise"
+            verdicts.append((c, st, d, verdict))
+        listed = ", ".join(f"{c:g}x {st.mean:.2f}% ({d:+.2f}, {v})" for c, st, d, v in verdicts)
+        below = next((c for c, _, _, v in verdicts if v.startswith("below")), None)
+        end = (f"; it first falls below it by more than noise at **{below:g}x**" if below is not None else
+               f"; it is not below it by more than noise at any ratio run, up to {verdicts[-1][0]:g}x")
+        out.append(f"- {pruner_label(p)} against {where}: {listed}{end}.")
     return out
 
 
