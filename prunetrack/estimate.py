@@ -122,3 +122,47 @@ def seconds(cfg: JobConfig, rates: Rates, kind: str = "prune", done_epochs: int 
     n_test = min(SIZES.get(cfg.data.dataset, (0, 10_000))[1], cfg.data.test_subset or 10**9)
     timing = (cfg.run.timing_repeats + 1) * n_test / rates.test
     return prune_time + per_epoch * max(cfg.train.post_epochs - done_epochs, 0) + timing
+
+
+class Estimator:
+    """Each cell's time left on this machine: its epochs to go at the rates of earlier runs
+    of the same training (`records`, from tracking.speed_records) or, with `probe`, of a
+    short probe where there are none; `left` is None for a cell it cannot estimate."""
+
+    def __init__(self, records: list[dict], pruners: set[str], probe: bool = True, echo=print):
+        self.records, self.pruners, self.probe, self.echo = records, pruners, probe, echo
+        self.rates: dict[tuple, tuple[Rates, str] | None] = {}
+
+    def rates_for(self, cfg: JobConfig) -> Rates | None:
+        from prunetrack.job import device_name, resolve_device
+
+        key = probe_key(cfg)
+        if key not in self.rates:
+            device = resolve_device(cfg.run.device)
+            found = measured(cfg, self.records, device_name(device), training.resolve_precision(cfg.train.precision, device))
+            if self.probe and (found is None or not self.pruners <= found[0].prune_round.keys()):
+                self.echo(f"  (probing {cfg.model.model} on {cfg.run.device}, batch {cfg.train.batch_size}, "
+                          f"{cfg.train.precision} ...)")
+                probed = probe(cfg, self.pruners)
+                if found is None:
+                    found = probed, "a probe of 2 steps"
+                else:  # the runs' rates; the probe's rounds for the pruners no run used
+                    found[0].prune_round = {**probed.prune_round, **found[0].prune_round}
+            self.rates[key] = found
+        return self.rates[key][0] if self.rates[key] else None
+
+    def left(self, cfg: JobConfig, kind: str, done_epochs: int) -> float | None:
+        rates = self.rates_for(cfg)
+        return seconds(cfg, rates, kind, done_epochs) if rates else None
+
+    def sources(self) -> list[str]:
+        """A line per rate used: where it comes from, and its values."""
+        out = []
+        for key, found in self.rates.items():
+            if found:
+                r, source = found
+                rounds = ", ".join(f"{p} {s:.2f}s" for p, s in sorted(r.prune_round.items()))
+                out.append(f"rates of {key[0]} batch {key[2]} {key[4]} ({source}): train {r.train:.0f} img/s, "
+                           f"test {r.test:.0f} img/s; one pruning round: {rounds}")
+        return out
+

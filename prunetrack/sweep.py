@@ -102,7 +102,8 @@ def run_sweep(spec: Spec, parallel: int = 1, executor: str = "local", ray_addres
                              tags={"sweep": spec.name, "sweep_host": host, "sweep_pid": os.getpid()}) as parent:
         tracking.log_text(spec.text or yaml.safe_dump({"name": spec.name}), "sweep.yaml")
         envs = {c.key: cell_env(c, spec.name, parent.info.run_id, uri) for c in todo}
-        progress = _Progress(len(plan), len(skipped), len(todo), start, echo)
+        progress = _Progress(len(plan), len(skipped), len(todo), start, echo,
+                             _estimates(todo, experiment), parallel if executor == "local" else 1)
         if executor == "local":
             stream = run_local(todo, envs, parallel, progress.started)
         else:
@@ -136,59 +137,47 @@ def run_sweep(spec: Spec, parallel: int = 1, executor: str = "local", ray_addres
     return summary
 
 
+def cell_states(plan: list[Cell], done: dict[str, str], estimator) -> list[tuple[Cell, str, float | None]]:
+    """Each cell of `plan` with its state (finished / partial at epoch k of n / pending) and
+    its estimated seconds left (None: no estimate)."""
+    from prunetrack import checkpoint
+
+    out = []
+    for c in plan:
+        cfg = c.config
+        if c.config_hash in done:
+            out.append((c, f"finished (run {done[c.config_hash][:8]})", 0.0))
+            continue
+        ck_key = f"pretrain-{c.config_hash}" if c.kind == "pretrain" else c.config_hash
+        saved = checkpoint.peek(cfg.run.checkpoint_dir, ck_key)
+        epochs = cfg.train.pre_epochs if c.kind == "pretrain" else cfg.train.post_epochs
+        if saved:
+            state = f"partial: epoch {saved['epoch']} of {epochs}"
+        else:
+            state = "pending" + (f" (at most {epochs} epochs)" if c.kind == "pretrain" else "")
+        out.append((c, state, estimator.left(cfg, c.kind, saved["epoch"] if saved else 0)))
+    return out
+
+
 def dry_run_table(spec: Spec, plan: list[Cell], done: dict[str, str], parallel: int,
                   echo: Callable[[str], None], experiment: str = "") -> float:
     """List every cell with its state (finished / partial at epoch k of n / shared / pending)
     and its estimated time on this machine, from the epochs of earlier runs of the same
     training here or else a short probe; returns the total seconds."""
-    from prunetrack import checkpoint, estimate, training
-    from prunetrack.job import device_name, resolve_device
+    from prunetrack import checkpoint, estimate
 
-    rates: dict[tuple, tuple[estimate.Rates, str]] = {}
-    records = tracking.speed_records(experiment or spec.experiment)
-    pruners = {c.config.prune.pruner for c in plan if c.config_hash not in done}
-
-    def rates_for(cfg) -> estimate.Rates:
-        key = estimate.probe_key(cfg)
-        if key not in rates:
-            device = resolve_device(cfg.run.device)
-            found = estimate.measured(cfg, records, device_name(device),
-                                      training.resolve_precision(cfg.train.precision, device))
-            if found is None or not pruners <= found[0].prune_round.keys():
-                echo(f"  (probing {cfg.model.model} on {cfg.run.device}, batch {cfg.train.batch_size}, "
-                     f"{cfg.train.precision} ...)")
-                probed = estimate.probe(cfg, pruners)
-                if found is None:
-                    found = probed, "a probe of 2 steps"
-                else:  # the runs' rates; the probe's rounds for the pruners no run used
-                    found[0].prune_round = {**probed.prune_round, **found[0].prune_round}
-            rates[key] = found
-        return rates[key][0]
-
-    total = 0.0
+    estimator = estimate.Estimator(tracking.speed_records(experiment or spec.experiment),
+                                   {c.config.prune.pruner for c in plan if c.config_hash not in done}, echo=echo)
     echo(f"  {'cell':36s} {'run name':34s} {'state':30s} {'estimate':>9s}")
-    for c in plan:
-        cfg = c.config
-        if c.config_hash in done:
-            state, left = f"finished (run {done[c.config_hash][:8]})", 0.0
-        else:
-            ck_key = f"pretrain-{c.config_hash}" if c.kind == "pretrain" else c.config_hash
-            saved = checkpoint.peek(cfg.run.checkpoint_dir, ck_key)
-            epochs = cfg.train.pre_epochs if c.kind == "pretrain" else cfg.train.post_epochs
-            if saved:
-                state = f"partial: epoch {saved['epoch']} of {epochs}"
-            else:
-                state = "pending" + (f" (at most {epochs} epochs)" if c.kind == "pretrain" else "")
-            left = estimate.seconds(cfg, rates_for(cfg), c.kind, saved["epoch"] if saved else 0)
-            total += left
-        echo(f"  {c.key:36s} {c.name:34s} {state:30s} {clock(left):>9s}")
+    total = 0.0
+    for c, state, left in cell_states(plan, done, estimator):
+        total += left or 0.0
+        echo(f"  {c.key:36s} {c.name:34s} {state:30s} {clock(left or 0.0):>9s}")
     for c in spec.cells:
         if c.shared_with:
             echo(f"  {c.key:36s} {c.name:34s} {'shared: computed by ' + c.shared_with:30s} {clock(0):>9s}")
-    for key, (r, source) in rates.items():
-        rounds = ", ".join(f"{p} {s:.2f}s" for p, s in sorted(r.prune_round.items()))
-        echo(f"  rates of {key[0]} batch {key[2]} {key[4]} ({source}): train {r.train:.0f} img/s, "
-             f"test {r.test:.0f} img/s; one pruning round: {rounds}")
+    for line in estimator.sources():
+        echo("  " + line)
     count, size = checkpoint.disk_usage(plan[0].config.run.checkpoint_dir if plan else "")
     echo(f"  checkpoints: {count} saved, {size / 2**20:,.0f} MiB in {checkpoint.root(plan[0].config.run.checkpoint_dir if plan else '')}")
     pretraining = any(c.kind == "pretrain" and c.config_hash not in done for c in plan)
@@ -208,13 +197,27 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _estimates(todo: list[Cell], experiment: str) -> dict[str, float] | None:
+    """Each cell's estimated seconds, from the epochs of earlier runs of its training on this
+    kind of device; None unless every cell has one (no probe: the sweep starts at once)."""
+    from prunetrack import estimate
+
+    estimator = estimate.Estimator(tracking.speed_records(experiment), {c.config.prune.pruner for c in todo},
+                                   probe=False)
+    found = {c.key: left for c, _, left in cell_states(todo, {}, estimator)}
+    return found if all(v is not None for v in found.values()) else None
+
+
 class _Progress:
     """Progress lines: cells done/total, the cell starting or ending, elapsed time, and the
-    time left at the rate cells have been ending so far (which accounts for parallelism)."""
+    time left: the estimates of the cells not finished (`estimates`, per cell key, from
+    earlier runs' epochs) over `parallel`, or, without them, the time per cell so far."""
 
-    def __init__(self, total: int, skipped: int, todo: int, start: float, echo):
+    def __init__(self, total: int, skipped: int, todo: int, start: float, echo,
+                 estimates: dict[str, float] | None = None, parallel: int = 1):
         self.total, self.done, self.left, self.ran = total, skipped, todo, 0
         self.start, self.first, self.echo = start, None, echo
+        self.estimates, self.parallel = dict(estimates) if estimates else None, parallel
         self.lock = threading.Lock()
 
     def started(self, cell: Cell, where: str) -> None:
@@ -225,6 +228,8 @@ class _Progress:
     def finished(self, result: Result) -> None:
         with self.lock:
             self.done, self.left, self.ran = self.done + 1, self.left - 1, self.ran + 1
+            if self.estimates is not None:
+                self.estimates.pop(result.cell.key, None)
             run = f", run {result.run_id}" if result.run_id else ""
             self.echo(f"[{self.done}/{self.total}] {result.status} {result.cell.key} in {clock(result.seconds)}"
                       f"{run} | {self._times()}")
@@ -232,6 +237,8 @@ class _Progress:
     def _times(self) -> str:
         now = time.time()
         elapsed = now - self.start
+        if self.estimates is not None:
+            return f"elapsed {clock(elapsed)}, ETA {clock(sum(self.estimates.values()) / self.parallel)}"
         rate = (now - (self.first or now)) / self.ran if self.ran else None  # from the first cell's start
         eta = clock(rate * self.left) if rate is not None else ("0:00:00" if self.left <= 0 else "?")
         return f"elapsed {clock(elapsed)}, ETA {eta}"

@@ -61,8 +61,8 @@ def test_baseline_counts_the_shared_run_once_and_says_which_runs():
             f"scratch ({dense.label}); left out: 1 run at 1x that starts from a pre-training, not the dense network "
             f"trained from scratch ({m1.label}).") in text
     # Magnitude is measured against its own pre-trained 1x, not the network trained from scratch.
-    assert (f"- Mag against its own 1x, pre-trained and trained unpruned, 85.00% [ResNet20 · Mag · 1x]: 10x 70.00% "
-            f"(-15.00, below by more than noise); it first falls below it by more than noise at **10x**.") in text
+    assert ("- Mag against its own 1x, pre-trained and trained unpruned, 85.00% [ResNet20 · Mag · 1x]: 10x 70.00% "
+            "(-15.00, below by more than noise); it first falls below it by more than noise at **10x**.") in text
 
 
 def test_each_ratio_is_below_within_noise_or_above_the_dense_baseline():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -197,8 +198,12 @@ def test_killed_sweep_resumes_only_missing_cells(tmp_path, mlflow_store):
     assert not any("probing" in line for line in plan), plan
     assert any("epochs of 1 finished runs on this kind of device" in line for line in plan), plan
 
-    summary = sweep.run_sweep(specs.load_spec(path))
+    lines: list[str] = []
+    summary = sweep.run_sweep(specs.load_spec(path), echo=lines.append)
     assert [r.status for r in summary.results] == ["skipped", "finished"]
+    # With a finished run of the same training, the ETA is there from the first line, not "?".
+    start_line = next(line for line in lines if "] start " in line)
+    assert re.search(r"ETA \d+:\d\d:\d\d$", start_line), start_line
     finished = [r for r in children() if r.info.status == "FINISHED"]
     # The grid is full, with one FINISHED run per cell; the first cell did not run again.
     assert sorted(r.data.tags["cell"] for r in finished) == ["compression=10", "compression=2"]
