@@ -14,11 +14,12 @@ initialization share one dense run, marked "†".
 
 One module per step, each reading only the records the one before produced:
 `collect` (MLflow to records), `tables`, `figures`, `findings`, and `render` (the
-markdown, the files and the report run); `records` holds the record types, and `budget`
-the section on runs trained for more epochs than the tables' (kept out of the tables).
+markdown, the files and the report run); `records` holds the record types, `budget` the
+section on runs trained for more epochs than the tables' (kept out of the tables), and
+`paper` the comparison with the SynFlow paper.
 """
 from prunetrack.report.collect import assemble
-from prunetrack.report.findings import synflow_paper_section
+from prunetrack.report.paper import synflow_paper_section
 from prunetrack.report.records import Pretrain, ReportError, ReportOptions, Run, Stat, Study
 from prunetrack.report.render import build_report
 

@@ -11,7 +11,7 @@ from collections import Counter, defaultdict
 from mlflow.tracking import MlflowClient
 
 from prunetrack import config, tracking
-from prunetrack.report import budget, figures, findings, tables
+from prunetrack.report import budget, figures, findings, paper, tables
 from prunetrack.report.collect import collect
 from prunetrack.report.records import (
     NO_RUN,
@@ -222,7 +222,7 @@ def render(s: Study, out: str) -> str:
     md += pretrain_section(s, out, numbered)
     md += budget.budget_section(s, out, numbered)
     md += ["## Findings", ""] + findings.findings(s) + [""]
-    md += findings.synflow_paper_section(s)
+    md += paper.synflow_paper_section(s)
     md += missing_section(s)
     return "\n".join(md).rstrip() + "\n"
 
