@@ -110,12 +110,13 @@ def epoch_seconds(cfg: JobConfig, rates: Rates) -> float:
     return n_train / rates.train + n_test / rates.test
 
 
-def seconds(cfg: JobConfig, rates: Rates, kind: str = "prune", done_epochs: int = 0) -> float:
-    """Estimated seconds left for a cell (or a pre-training, at its maximum of pre_epochs)
-    that has finished `done_epochs` epochs."""
+def seconds(cfg: JobConfig, rates: Rates, kind: str = "prune", done_epochs: int = 0,
+            pre_epochs: int | None = None) -> float:
+    """Estimated seconds left for a cell (or a pre-training, of `pre_epochs` epochs, by
+    default its maximum) that has finished `done_epochs` epochs."""
     per_epoch = epoch_seconds(cfg, rates)
     if kind == "pretrain":
-        return per_epoch * max(cfg.train.pre_epochs - done_epochs, 0)
+        return per_epoch * max((pre_epochs or cfg.train.pre_epochs) - done_epochs, 0)
     prune_time = 0.0 if done_epochs or cfg.dense() else \
         rates.prune_round.get(cfg.prune.pruner, 0.0) * resolved_iterations(cfg)
     # The final measurements evaluate the test set timing_repeats + 1 times.
@@ -153,7 +154,22 @@ class Estimator:
 
     def left(self, cfg: JobConfig, kind: str, done_epochs: int) -> float | None:
         rates = self.rates_for(cfg)
-        return seconds(cfg, rates, kind, done_epochs) if rates else None
+        if rates is None:
+            return None
+        return seconds(cfg, rates, kind, done_epochs, self.pretrain_epochs(cfg) if kind == "pretrain" else None)
+
+    def pretrain_epochs(self, cfg: JobConfig) -> int | None:
+        """How many epochs a pre-training that stops on patience will take: as many as the
+        earlier pre-trainings of the same model and stopping rule took (their median); None
+        (its maximum) without such runs, or without patience."""
+        t = cfg.train
+        if not t.pre_patience:
+            return None
+        ran = [len(r["epoch_times"]) for r in self.records if r["tags"].get("prunetrack.kind") == "pretrain"
+               and r["tags"].get("model") == cfg.model.model and r["tags"].get("dataset") == cfg.data.dataset
+               and r["params"].get("pre_epochs") == str(t.pre_epochs)
+               and r["params"].get("pre_patience") == str(t.pre_patience)]
+        return min(int(statistics.median(ran)), t.pre_epochs) if ran else None
 
     def sources(self) -> list[str]:
         """A line per rate used: where it comes from, and its values."""

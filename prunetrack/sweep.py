@@ -180,11 +180,21 @@ def dry_run_table(spec: Spec, plan: list[Cell], done: dict[str, str], parallel: 
         echo("  " + line)
     count, size = checkpoint.disk_usage(plan[0].config.run.checkpoint_dir if plan else "")
     echo(f"  checkpoints: {count} saved, {size / 2**20:,.0f} MiB in {checkpoint.root(plan[0].config.run.checkpoint_dir if plan else '')}")
-    pretraining = any(c.kind == "pretrain" and c.config_hash not in done for c in plan)
+    pretrains = [c for c in plan if c.kind == "pretrain" and c.config_hash not in done]
+    expected = [estimator.pretrain_epochs(c.config) for c in pretrains]
+    note = ""
+    if pretrains:
+        note = ("; pre-training counted at its maximum epochs" if None in expected else
+                f"; pre-training counted at the {join_epochs(expected)} epochs earlier ones took before their patience "
+                "stopped them, not at its maximum")
     echo(f"estimated time for what is left: {clock(total / max(parallel, 1))}"
-         + (f" ({parallel} at a time; {clock(total)} of cell time)" if parallel > 1 else "")
-         + ("; pre-training counted at its maximum epochs" if pretraining else ""))
+         + (f" ({parallel} at a time; {clock(total)} of cell time)" if parallel > 1 else "") + note)
     return total
+
+
+def join_epochs(counts: list) -> str:
+    values = sorted(set(counts))
+    return str(values[0]) if len(values) == 1 else f"{values[0]}-{values[-1]}"
 
 
 def _alive(pid: int) -> bool:

@@ -12,7 +12,7 @@
 #                                  # cells of one pass compare best; about a minute per cell on 2 cores)
 #
 # SPEC (default sweeps/study_vgg16.yaml) picks another spec of the same experiment, e.g.
-#   SPEC=sweeps/study_vgg16_seeds.yaml bash scripts/study.sh start
+#   SPEC=sweeps/study_resnet50.yaml bash scripts/study.sh start
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 STUDY=${PRUNETRACK_STUDY_DIR:-$HOME/prunetrack-study}

@@ -150,13 +150,43 @@ def test_estimates_use_the_epochs_of_runs_of_the_same_training_on_the_same_devic
     assert estimate.measured(cfg, records, "cpu (x86_64, 2 threads)", "fp32") is None
 
 
+def test_a_pretraining_that_stops_on_patience_is_estimated_at_the_epochs_earlier_ones_took():
+    from prunetrack import estimate, training
+    from prunetrack.config import JobConfig
+    from prunetrack.job import device_name, resolve_device
+
+    cfg = JobConfig.from_flat(dict(dataset="cifar10", model="vgg16_bn", pruner="mag", pre_epochs=200,
+                                   pre_patience=5, device="cpu"))
+    device = resolve_device("cpu")
+    tags = {"model": "vgg16_bn", "dataset": "cifar10", "device": device_name(device),
+            "precision": training.resolve_precision("auto", device)}
+    params = {"batch_size": "256", "test_batch_size": "256", "optimizer": "adam", "train_subset": "0",
+              "test_subset": "0", "pre_epochs": "200", "pre_patience": "5"}
+    pretrain = {"tags": {**tags, "prunetrack.kind": "pretrain"}, "params": params, "metrics": {},
+                "epoch_times": [100.0] * 18}
+    job = {"tags": {**tags, "pruner": "mag"}, "params": {**params, "iterations": "1"}, "epoch_times": [100.0] * 10,
+           "metrics": {"test_images_per_sec": 1000.0, "pruning_time": 1.0}}
+    estimator = estimate.Estimator([pretrain, job], {"mag"}, probe=False)
+    assert estimator.pretrain_epochs(cfg) == 18
+    assert estimator.left(cfg, "pretrain", 3) == 15 * (100.0 + 10.0)  # 15 epochs to go, each with its evaluation
+    # Another stopping rule, or none: the cap is all that is known.
+    assert estimate.Estimator([pretrain, job], {"mag"}, probe=False).pretrain_epochs(
+        JobConfig.from_flat(dict(dataset="cifar10", model="vgg16_bn", pre_epochs=200, pre_patience=0))) is None
+
+
 def test_study_specs_cover_the_study():
     missing = [p for p in ("rand", "mag", "snip", "grasp", "synflow") if p not in pruning.PRUNERS]
     if missing:
         pytest.skip(f"pruners not registered here: {', '.join(missing)}")
     vgg = specs.load_spec(os.path.join(REPO, "sweeps", "study_vgg16.yaml"))
-    grid = [c for c in vgg.cells if c.config.train.post_epochs == 10]
+    grid = [c for c in vgg.cells if c.config.train.post_epochs == 10 and c.config.run.seed == 0]
     assert len(grid) == 30 and {c.config.prune.compression for c in grid} == {1, 2, 5, 10, 15, 20}
+    # Last, seeds 1 and 2 of the 10x row.
+    seeds = vgg.cells[-10:]
+    assert {(c.config.run.seed, c.config.prune.compression, c.config.train.post_epochs) for c in seeds} == \
+        {(1, 10, 10), (2, 10, 10)} and {c.config.prune.pruner for c in seeds} == set(pruning.PRUNERS) & {
+            "rand", "mag", "snip", "grasp", "synflow"}
+    assert len(vgg.cells) == 45
     # The 10x row again at 30 epochs, right after the 10x row and the dense cell.
     longer = [c for c in vgg.cells if c.config.train.post_epochs == 30]
     assert len(longer) == 5 and {c.config.prune.compression for c in longer} == {10}
