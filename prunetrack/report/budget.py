@@ -133,9 +133,12 @@ def budget_findings(s: Study, cells: dict) -> list[str]:
             words += ("; within the test set's sampling error at the end: "
                       + join_words([f"{pruner_label(a)}-{pruner_label(b)} ({final[a] - final[b]:.2f} points)"
                                     for a, b in close]))
+        # A gain below the test set's sampling error is no evidence that the longer budget helped.
+        grew = [p for p in final if abs(final[p] - early[p]) >= noise.sampling(early[p], final[p])]
         words += (f". Training {end - s.budget} epochs longer gained {min(gains):+.2f} to {max(gains):+.2f} points "
                   f"of top-1, so the tables compare the pruners after an equal budget of {s.budget} epochs, "
-                  f"{'not' if max(gains) > 1.0 else 'close to'} their accuracy at {end}.")
+                  + (f"not their accuracy at {end}." if grew else
+                     f"within the test set's sampling error of their accuracy at {end}."))
         out.append(words)
     return out
 
