@@ -191,8 +191,12 @@ def baseline_findings(s: Study) -> list[str]:
             verdicts.append((c, st, d, verdict))
         listed = ", ".join(f"{c:g}x {st.mean:.2f}% ({d:+.2f}, {v})" for c, st, d, v in verdicts)
         below = next((c for c, _, _, v in verdicts if v.startswith("below")), None)
-        end = (f"; it first falls below it by more than noise at **{below:g}x**" if below is not None else
-               f"; it is not below it by more than noise at any ratio run, up to {verdicts[-1][0]:g}x")
+        if len(verdicts) == 1:  # the verdict in brackets says it all
+            end = ""
+        elif below is not None:
+            end = f"; it first falls below it by more than noise at **{below:g}x**"
+        else:
+            end = f"; it is not below it by more than noise at any ratio run, up to {verdicts[-1][0]:g}x"
         out.append(f"- {pruner_label(p)} against {where}: {listed}{end}.")
     return out
 
