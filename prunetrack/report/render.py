@@ -208,7 +208,9 @@ def coverage(s: Study) -> str:
 def render(s: Study, out: str) -> str:
     """The report's markdown; draws its figures into `out`."""
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    md = [f"# Pruning at initialization: {s.opts.experiment}", "",
+    data = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}.get(s.dataset, s.dataset)
+    md = [f"# Pruning at initialization: {join_words([model_label(m) for m in s.models])} on {data}", "",
+          f"Experiment `{s.opts.experiment}`. "
           f"Generated {now} by `prunetrack report` from the MLflow tracking server; every number below "
           f"is read from the runs. Cells with several runs (seeds) show mean ± std (n); {NO_RUN} marks "
           f"a cell without a finished run, {NOT_LOGGED} one whose runs did not log the measurement.", ""]
@@ -282,5 +284,5 @@ def build_report(opts: ReportOptions) -> str:
     path = os.path.join(out, "REPORT.md")
     with open(path, "w") as fh:
         fh.write(text)
-    log_report_run(opts.experiment, name, out, html_page(text, out, f"Pruning at initialization: {opts.experiment}"))
+    log_report_run(opts.experiment, name, out, html_page(text, out, text.splitlines()[0].lstrip("# ")))
     return path
