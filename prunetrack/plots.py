@@ -11,8 +11,9 @@ from matplotlib.figure import Figure
 
 
 def histogram_figure(record: dict[str, Any], title: str = "") -> Figure:
-    """A grid with one panel per prunable layer: the surviving weights at
-    initialization (after pruning) and after training, density in each title."""
+    """A grid with one panel per prunable layer: the surviving weights as they were when
+    pruned (at initialization, or pre-trained for Magnitude) and after training, density in
+    each title."""
     layers = record["layers"]
     n = max(len(layers), 1)
     cols = min(n, 6 if n > 16 else 4)
@@ -26,7 +27,7 @@ def histogram_figure(record: dict[str, Any], title: str = "") -> Figure:
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax, (name, h) in zip(axes.flat, layers.items()):
         if h.get("init"):
-            ax.stairs(h["init"]["counts"], h["init"]["edges"], color="0.6", fill=True, label="init (pruned)")
+            ax.stairs(h["init"]["counts"], h["init"]["edges"], color="0.6", fill=True, label="kept, when pruned")
         if h.get("final"):
             ax.stairs(h["final"]["counts"], h["final"]["edges"], color="tab:blue", linewidth=1.2, label="trained")
         ax.set_title(f"{name}\ndensity {h.get('density', math.nan):.3g}", fontsize=8)
