@@ -201,6 +201,15 @@ def baseline_findings(s: Study) -> list[str]:
     return out
 
 
+def _ranges_overlap(a: list[Run], b: list[Run], key: str) -> bool:
+    """Whether the [min, max] over timing rounds of runs `a` and of runs `b` overlap (False
+    when either has no range logged)."""
+    span = lambda runs: ([r.metrics[f"{key}_min"] for r in runs if f"{key}_min" in r.metrics],
+                         [r.metrics[f"{key}_max"] for r in runs if f"{key}_max" in r.metrics])
+    (alo, ahi), (blo, bhi) = span(a), span(b)
+    return bool(alo and ahi and blo and bhi) and min(alo) <= max(bhi) and min(blo) <= max(ahi)
+
+
 def speedup_findings(s: Study) -> list[str]:
     """Measured testing-time speedup over the dense baseline against the speedup FLOPs predict."""
     M, metric = s.main, s.time_metric
@@ -234,7 +243,9 @@ def speedup_findings(s: Study) -> list[str]:
             out.append(f"- {cell_name(M, p, c)}: FLOPs predict a {statistics.fmean(theo):.2f}x speedup; measured "
                        f"testing time {metric.fmt(t.mean)} {metric.unit} vs {metric.fmt(base.mean)} {metric.unit} dense "
                        f"{cell_name(M, None, 1.0)} is a {measured:.2f}x speedup "
-                       f"({measured / statistics.fmean(theo):.0%} of the predicted).")
+                       f"({measured / statistics.fmean(theo):.0%} of the predicted)"
+                       + ("; its rounds' range overlaps the dense network's, so no speedup is measurable."
+                          if _ranges_overlap(runs, s.baseline(M, metric.key)[1], metric.key) else "."))
     if missing:
         out.append(f"- No FLOPs logged for {', '.join(missing)}, so their measured testing time cannot be "
                    "compared with a theoretical speedup.")
