@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from prunetrack import masking, measure, models, pruning, training
+from prunetrack import masking, measure, models, pruning, tracking, training
 from prunetrack.config import JobConfig, resolved_iterations
 
 # Training / test examples of each dataset (the probe does not load the data).
@@ -165,7 +165,7 @@ class Estimator:
         t = cfg.train
         if not t.pre_patience:
             return None
-        ran = [len(r["epoch_times"]) for r in self.records if r["tags"].get("prunetrack.kind") == "pretrain"
+        ran = [len(r["epoch_times"]) for r in self.records if r["tags"].get(tracking.KIND_TAG) == "pretrain"
                and r["tags"].get("model") == cfg.model.model and r["tags"].get("dataset") == cfg.data.dataset
                and r["params"].get("pre_epochs") == str(t.pre_epochs)
                and r["params"].get("pre_patience") == str(t.pre_patience)]

@@ -331,28 +331,35 @@ KIND_TAG = "prunetrack.kind"
 
 # ---------------------------------------------------------------------------- sweeps
 
+def _finished_runs(experiment: str):
+    """Every FINISHED run of `experiment`, page by page (none if it does not exist)."""
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return
+    token = None
+    while True:
+        page = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'", max_results=1000,
+                                  page_token=token)
+        yield from page
+        token = page.token
+        if not token:
+            return
+
+
 def speed_records(experiment: str) -> list[dict]:
     """What the FINISHED prune and pre-training runs of `experiment` measured of their own
     speed, for a sweep's estimate: each run's tags, params and metrics, and `epoch_times`,
     the seconds of each training epoch."""
-    client = mlflow.MlflowClient()
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return []
-    out, token = [], None
-    while True:
-        page = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'", max_results=1000,
-                                  page_token=token)
-        for run in page:
-            if run.data.tags.get(KIND_TAG, "prune") not in ("prune", "pretrain"):
-                continue
-            times = [m.value for m in client.get_metric_history(run.info.run_id, "epoch_time")]
-            if times:
-                out.append({"tags": run.data.tags, "params": run.data.params, "metrics": run.data.metrics,
-                            "epoch_times": times})
-        token = page.token
-        if not token:
-            return out
+    client, out = mlflow.MlflowClient(), []
+    for run in _finished_runs(experiment):
+        if run.data.tags.get(KIND_TAG, "prune") not in ("prune", "pretrain"):
+            continue
+        times = [m.value for m in client.get_metric_history(run.info.run_id, "epoch_time")]
+        if times:
+            out.append({"tags": run.data.tags, "params": run.data.params, "metrics": run.data.metrics,
+                        "epoch_times": times})
+    return out
 
 
 def experiment_of_run(run_id: str) -> str:
@@ -365,21 +372,12 @@ def experiment_of_run(run_id: str) -> str:
 def finished_configs(experiment: str) -> dict[str, str]:
     """{config_hash (pretrain_hash for a pre-training): run_id} of the FINISHED runs in
     `experiment` (none if it does not exist)."""
-    client = mlflow.MlflowClient()
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return {}
-    found, token = {}, None
-    while True:
-        page = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'", max_results=1000,
-                                  page_token=token)
-        for run in page:
-            key = run.data.tags.get("config_hash") or run.data.tags.get("pretrain_hash")
-            if key:
-                found.setdefault(key, run.info.run_id)
-        token = page.token
-        if not token:
-            return found
+    found = {}
+    for run in _finished_runs(experiment):
+        key = run.data.tags.get("config_hash") or run.data.tags.get("pretrain_hash")
+        if key:
+            found.setdefault(key, run.info.run_id)
+    return found
 
 
 def find_cell_run(experiment: str, sweep: str, parent_run_id: str, hash_tag: str, value: str) -> str | None:

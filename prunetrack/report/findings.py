@@ -23,6 +23,7 @@ from prunetrack.report.records import (
     plural,
     pruner_label,
     pruner_name,
+    round_range,
 )
 
 
@@ -202,18 +203,16 @@ def baseline_findings(s: Study) -> list[str]:
 
 
 def _ranges_overlap(a: list[Run], b: list[Run], key: str) -> bool:
-    """Whether the [min, max] over timing rounds of runs `a` and of runs `b` overlap (False
-    when either has no range logged)."""
-    span = lambda runs: ([r.metrics[f"{key}_min"] for r in runs if f"{key}_min" in r.metrics],
-                         [r.metrics[f"{key}_max"] for r in runs if f"{key}_max" in r.metrics])
-    (alo, ahi), (blo, bhi) = span(a), span(b)
-    return bool(alo and ahi and blo and bhi) and min(alo) <= max(bhi) and min(blo) <= max(ahi)
+    """Whether the ranges over timing rounds of runs `a` and of runs `b` overlap (False when
+    either has no range logged)."""
+    ra, rb = round_range(a, key), round_range(b, key)
+    return bool(ra and rb) and ra[0] <= rb[1] and rb[0] <= ra[1]
 
 
 def speedup_findings(s: Study) -> list[str]:
     """Measured testing-time speedup over the dense baseline against the speedup FLOPs predict."""
     M, metric = s.main, s.time_metric
-    base, _ = s.baseline(M, metric.key)
+    base, base_runs = s.baseline(M, metric.key)
     if base is None:
         return [f"- Testing time against theoretical speedup: no dense (1x) run of {model_label(M)} trained "
                 f"from scratch logged `{metric.key}`."]
@@ -245,7 +244,7 @@ def speedup_findings(s: Study) -> list[str]:
                        f"{cell_name(M, None, 1.0)} is a {measured:.2f}x speedup "
                        f"({measured / statistics.fmean(theo):.0%} of the predicted)"
                        + ("; its rounds' range overlaps the dense network's, so no speedup is measurable."
-                          if _ranges_overlap(runs, s.baseline(M, metric.key)[1], metric.key) else "."))
+                          if _ranges_overlap(runs, base_runs, metric.key) else "."))
     if missing:
         out.append(f"- No FLOPs logged for {', '.join(missing)}, so their measured testing time cannot be "
                    "compared with a theoretical speedup.")

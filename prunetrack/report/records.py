@@ -172,6 +172,14 @@ def plural(n, word: str) -> str:
     return f"{n} {word}{'' if str(n) in ('1', '1.0') else 's'}"
 
 
+def round_range(runs: list, key: str) -> tuple[float, float] | None:
+    """The lowest `<key>_min` and highest `<key>_max` over `runs` (a timing's rounds), or None
+    when they did not log both."""
+    lo = [r.metrics[f"{key}_min"] for r in runs if f"{key}_min" in r.metrics]
+    hi = [r.metrics[f"{key}_max"] for r in runs if f"{key}_max" in r.metrics]
+    return (min(lo), max(hi)) if lo and hi else None
+
+
 def n_words(ns) -> str:
     """How many runs each cell has: "n=1", or "n=1-3" when cells differ."""
     ns = sorted(set(ns))

@@ -17,6 +17,7 @@ from prunetrack.report.records import (
     model_label,
     plural,
     pruner_label,
+    round_range,
 )
 
 
@@ -68,12 +69,8 @@ def shared_note(s: Study, model: str) -> str | None:
 
 def spread(s: Study, model: str, pruner: str, c: float) -> str:
     """The min-max of the controlled timing rounds over a cell's runs."""
-    runs = s.cell(model, pruner, c)
-    lo = [r.metrics[f"{TIMED_TEST_TIME.key}_min"] for r in runs if f"{TIMED_TEST_TIME.key}_min" in r.metrics]
-    hi = [r.metrics[f"{TIMED_TEST_TIME.key}_max"] for r in runs if f"{TIMED_TEST_TIME.key}_max" in r.metrics]
-    if not lo or not hi:
-        return ""
-    return f" [{s.time_metric.fmt(min(lo))}–{s.time_metric.fmt(max(hi))}]"
+    found = round_range(s.cell(model, pruner, c), TIMED_TEST_TIME.key)
+    return f" [{s.time_metric.fmt(found[0])}–{s.time_metric.fmt(found[1])}]" if found else ""
 
 
 def value(s: Study, model: str, pruner: str, c: float, metric: Metric) -> str:
