@@ -106,37 +106,42 @@ def figure_budget(s: Study, cells: dict, path: str) -> bool:
 
 
 def budget_findings(s: Study, cells: dict) -> list[str]:
-    """Per ratio with two or more pruners at the longer budget: their order after the
-    tables' budget and at the end of the longer runs, and the gains."""
+    """Per ratio: the gain of the longer budget over the tables' and, with two or more pruners
+    at it, their order after the tables' budget and at the end of the longer runs."""
     out, noise = [], Noise(s)
     for c in sorted({c for _, c in cells}):
         row = {p: rs for (p, cc), rs in cells.items() if cc == c}
         end = min(max(_epochs(r) for r in rs) for rs in row.values())
         final = {p: v for p, rs in row.items() if (v := top1_at(rs, end)) is not None}
         early = {p: v for p, rs in row.items() if (v := top1_at(rs, s.budget)) is not None}
-        if len(final) < 2 or set(final) != set(early):
+        if not final or set(final) != set(early):
             continue
         after = sorted(final, key=lambda p: -final[p])
         before = sorted(early, key=lambda p: -early[p])
         fmt = lambda order, at: " > ".join(f"{pruner_label(p)} {at[p]:.2f}%" for p in order)
         gains = [final[p] - early[p] for p in final]
         n = n_words(len(rs) for rs in row.values())
+        same = "the same run" if sum(len(rs) for rs in row.values()) == 1 else "the same runs"
         words = (f"- Training budget at {c:g}x {cell_name(s.main, None, c)}, {n} per pruner: after {end} epochs "
-                 f"{fmt(after, final)}; the same runs after {s.budget} epochs: {fmt(before, early)}. ")
-        if after == before:
-            words += "The order is the same"
-        else:
-            moved = [p for i, p in enumerate(after) if before[i] != p]
-            words += f"The order changes ({join_words([pruner_label(p) for p in moved])} move)"
-        close = [(a, b) for a, b in zip(after, after[1:]) if final[a] - final[b] < noise.sampling(final[a], final[b])]
-        if close:
-            words += ("; within the test set's sampling error at the end: "
-                      + join_words([f"{pruner_label(a)}-{pruner_label(b)} ({final[a] - final[b]:.2f} points)"
-                                    for a, b in close]))
+                 f"{fmt(after, final)}; {same} after {s.budget} epochs: {fmt(before, early)}. ")
+        if len(final) >= 2:
+            if after == before:
+                words += "The order is the same"
+            else:
+                moved = [p for i, p in enumerate(after) if before[i] != p]
+                words += f"The order changes ({join_words([pruner_label(p) for p in moved])} move)"
+            close = [(a, b) for a, b in zip(after, after[1:])
+                     if final[a] - final[b] < noise.sampling(final[a], final[b])]
+            if close:
+                words += ("; within the test set's sampling error at the end: "
+                          + join_words([f"{pruner_label(a)}-{pruner_label(b)} ({final[a] - final[b]:.2f} points)"
+                                        for a, b in close]))
+            words += ". "
         # A gain below the test set's sampling error is no evidence that the longer budget helped.
         grew = [p for p in final if abs(final[p] - early[p]) >= noise.sampling(early[p], final[p])]
-        words += (f". Training {end - s.budget} epochs longer gained {min(gains):+.2f} to {max(gains):+.2f} points "
-                  f"of top-1, so the tables compare the pruners after an equal budget of {s.budget} epochs, "
+        gained = f"{gains[0]:+.2f}" if len(gains) == 1 else f"{min(gains):+.2f} to {max(gains):+.2f}"
+        words += (f"Training {end - s.budget} epochs longer gained {gained} points of top-1, so the tables compare "
+                  f"the pruners after an equal budget of {s.budget} epochs, "
                   + (f"not their accuracy at {end}." if grew else
                      f"within the test set's sampling error of their accuracy at {end}."))
         out.append(words)
