@@ -168,14 +168,14 @@ def dry_run_table(spec: Spec, plan: list[Cell], done: dict[str, str], parallel: 
 
     estimator = estimate.Estimator(tracking.speed_records(experiment or spec.experiment),
                                    {c.config.prune.pruner for c in plan if c.config_hash not in done}, echo=echo)
-    echo(f"  {'cell':36s} {'run name':34s} {'state':30s} {'estimate':>9s}")
-    total = 0.0
-    for c, state, left in cell_states(plan, done, estimator):
-        total += left or 0.0
-        echo(f"  {c.key:36s} {c.name:34s} {state:30s} {clock(left or 0.0):>9s}")
-    for c in spec.cells:
-        if c.shared_with:
-            echo(f"  {c.key:36s} {c.name:34s} {'shared: computed by ' + c.shared_with:30s} {clock(0):>9s}")
+    states = cell_states(plan, done, estimator)
+    rows = [(c.key, c.name, state, clock(left or 0.0)) for c, state, left in states]
+    rows += [(c.key, c.name, "shared: computed by " + c.shared_with, clock(0)) for c in spec.cells if c.shared_with]
+    # Columns as wide as their longest entry, so that long cell keys (overrides) stay aligned.
+    widths = [max(len(r[i]) for r in [("cell", "run name", "state", "")] + rows) for i in range(3)]
+    for row in [("cell", "run name", "state", "estimate")] + rows:
+        echo("  " + " ".join(f"{v:{w}s}" for v, w in zip(row, widths)) + f" {row[3]:>9s}")
+    total = sum(left or 0.0 for _, _, left in states)
     for line in estimator.sources():
         echo("  " + line)
     count, size = checkpoint.disk_usage(plan[0].config.run.checkpoint_dir if plan else "")
