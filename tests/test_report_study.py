@@ -194,6 +194,26 @@ def test_testing_times_of_a_second_and_more_are_in_seconds():
             "its rounds' range overlaps the dense network's, so no speedup is measurable.") in \
         "\n".join(findings.speedup_findings(s))
 
+def test_cells_without_a_measurable_speedup_are_one_sentence():
+    # Three pruned cells whose rounds overlap the dense network's, one that is measurably faster.
+    runs = [timed("rand", 1, 9.05, 9.02, 9.19), timed("rand", 10, 9.15, 9.06, 9.19), timed("snip", 10, 9.09, 9.02, 9.33),
+            timed("rand", 20, 9.0, 8.9, 9.1), timed("snip", 20, 6.0, 5.9, 6.1)]
+    s = study(runs, pruners=("rand", "snip"), compressions=[1, 10, 20])
+    found = findings.speedup_findings(s)
+    assert found[1].startswith("- [ResNet20 · SNIP · 20x]: FLOPs predict a 10.00x speedup; measured testing time "
+                               "6.00 s vs 9.05 s dense [ResNet20 · 1x] is a 1.51x speedup (15% of the predicted).")
+    assert found[2] == (
+        "- No measurable speedup in 3 of 4 pruned cells (Rand at 10, 20x and SNIP at 10x): FLOPs predict 10.00x "
+        "speedups; measured testing times of 9.00-9.15 s vs 9.05 s dense [ResNet20 · 1x] are 0.99-1.01x speedups, "
+        "and each cell's range over its rounds overlaps the dense network's. The masks zero weights inside dense "
+        "tensors, so inference still runs the dense convolutions: fewer FLOPs need sparse kernels or structured "
+        "(channel) pruning to become time.")
+    assert len(found) == 3
+    # All of them: counted, not listed.
+    s = study(runs[:3], pruners=("rand", "snip"))
+    assert findings.speedup_findings(s)[1].startswith("- No measurable speedup in both pruned cells of ResNet20: ")
+
+
 def test_cells_timed_in_several_passes_say_so():
     later = timed("rand", 10, 0.050, 0.048, 0.060)
     later.tags.update({"timing.when": "2026-01-05T00:00:00+00:00", "timing.loadavg": "0.30"})

@@ -24,6 +24,7 @@ from prunetrack.report.records import (
     pruner_label,
     pruner_name,
     round_range,
+    value_range,
 )
 
 
@@ -221,7 +222,7 @@ def speedup_findings(s: Study) -> list[str]:
     else:
         out = [f"- Testing times below are the jobs' own `{metric.key}`, measured while training shared the "
                "machine: the speedups are not comparable across cells."]
-    missing, found = [], False
+    missing, cells, unmeasurable = [], [], []
     for c in s.compressions:
         if c == 1.0:
             continue
@@ -237,18 +238,36 @@ def speedup_findings(s: Study) -> list[str]:
             if not theo:
                 missing.append(cell_name(M, p, c))
                 continue
-            found = True
-            measured = base.mean / t.mean
-            out.append(f"- {cell_name(M, p, c)}: FLOPs predict a {statistics.fmean(theo):.2f}x speedup; measured "
-                       f"testing time {metric.fmt(t.mean)} {metric.unit} vs {metric.fmt(base.mean)} {metric.unit} dense "
-                       f"{cell_name(M, None, 1.0)} is a {measured:.2f}x speedup "
-                       f"({measured / statistics.fmean(theo):.0%} of the predicted)"
-                       + ("; its rounds' range overlaps the dense network's, so no speedup is measurable."
-                          if _ranges_overlap(runs, base_runs, metric.key) else "."))
+            cell = (p, c, statistics.fmean(theo), t.mean, base.mean / t.mean)
+            cells.append(cell)
+            if _ranges_overlap(runs, base_runs, metric.key):
+                unmeasurable.append(cell)
+    dense = f"{metric.fmt(base.mean)} {metric.unit} dense {cell_name(M, None, 1.0)}"
+    for cell in cells:
+        if len(unmeasurable) > 1 and cell in unmeasurable:
+            continue  # one sentence for all of them, below
+        p, c, theo, t, measured = cell
+        out.append(f"- {cell_name(M, p, c)}: FLOPs predict a {theo:.2f}x speedup; measured testing time "
+                   f"{metric.fmt(t)} {metric.unit} vs {dense} is a {measured:.2f}x speedup "
+                   f"({measured / theo:.0%} of the predicted)"
+                   + ("; its rounds' range overlaps the dense network's, so no speedup is measurable."
+                      if cell in unmeasurable else "."))
+    if len(unmeasurable) > 1:
+        by_pruner = {p: [c for pp, c, *_ in unmeasurable if pp == p] for p, *_ in unmeasurable}
+        where = (f"{'both' if len(cells) == 2 else f'all {len(cells)}'} pruned cells of {model_label(M)}" if len(unmeasurable) == len(cells) else
+                 f"{len(unmeasurable)} of {len(cells)} pruned cells ("
+                 + join_words([f"{pruner_label(p)} at {', '.join(f'{c:g}' for c in cs)}x"
+                               for p, cs in by_pruner.items()]) + ")")
+        out.append(f"- No measurable speedup in {where}: FLOPs predict {value_range([u[2] for u in unmeasurable], '{:.2f}'.format)}x "
+                   f"speedups; measured testing times of {value_range([u[3] for u in unmeasurable], metric.fmt)} "
+                   f"{metric.unit} vs {dense} are {value_range([u[4] for u in unmeasurable], '{:.2f}'.format)}x "
+                   "speedups, and each cell's range over its rounds overlaps the dense network's. The masks zero "
+                   "weights inside dense tensors, so inference still runs the dense convolutions: fewer FLOPs "
+                   "need sparse kernels or structured (channel) pruning to become time.")
     if missing:
         out.append(f"- No FLOPs logged for {', '.join(missing)}, so their measured testing time cannot be "
                    "compared with a theoretical speedup.")
-    return out if found or missing else []
+    return out if cells or missing else []
 
 
 def mean_history(runs, key: str) -> list[tuple[int, float]]:
@@ -288,10 +307,9 @@ def loss_findings(s: Study) -> list[str]:
         if span == 3 and best_epoch == last_epoch and change < -STILL_FALLING:
             falling[p] = change
     if falling:
-        lo, hi = min(falling.values(), key=abs), max(falling.values(), key=abs)
         every = len(falling) == len(out)
         who = "every pruner" if every else join_words([pruner_label(p) for p in falling])
-        spread = f"{abs(lo):.1%}" if len(falling) == 1 else f"{abs(lo):.1%}-{abs(hi):.1%}"
+        spread = value_range([abs(v) for v in falling.values()], "{:.1%}".format)
         out.append(f"- Not levelled off: at {F:g}x the test loss of {who} was still at its lowest on the last epoch "
                    f"and had fallen by {spread} over the last 3 epochs, so "
                    + ("the accuracies compare the pruners" if every else "their accuracies are measured")

@@ -186,6 +186,12 @@ def n_words(ns) -> str:
     return f"n={ns[0]}" if len(ns) == 1 else f"n={ns[0]}-{ns[-1]}"
 
 
+def value_range(values, fmt) -> str:
+    """'lo-hi' of `values` as `fmt` writes them, or one value where both ends read the same."""
+    lo, hi = fmt(min(values)), fmt(max(values))
+    return lo if lo == hi else f"{lo}-{hi}"
+
+
 def join_words(words: list[str]) -> str:
     words = list(words)
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
