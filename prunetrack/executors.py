@@ -101,7 +101,9 @@ def run_local(cells: list[Cell], envs: dict[str, dict[str, str]], parallel: int,
               on_start: Callable[[Cell, str], None]) -> Iterator[Result]:
     """Run cells `parallel` at a time as subprocesses of this one, each pinned to one GPU
     (round-robin over the visible ones) when there are GPUs; yield results as they end.
-    Closing the generator (an error, Ctrl-C, SIGTERM) stops the running cells."""
+    A cell's slot is free for the next cell only once the caller has taken its result, so
+    that a cell's end is recorded (and said) before the cell after it starts. Closing the
+    generator (an error, Ctrl-C, SIGTERM) stops the running cells."""
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
     gpus = _visible_gpus()
@@ -118,11 +120,11 @@ def run_local(cells: list[Cell], envs: dict[str, dict[str, str]], parallel: int,
             live.add(proc)
             return True
 
-    def work(cell: Cell) -> Result:
-        gpu = slots.get()
+    def work(cell: Cell) -> tuple[Result, str | None]:
+        gpu = slots.get()  # returned by the loop below, once the result is taken
         try:
             if stopping.is_set():
-                return Result(cell, "failed", output="not started: the sweep was stopped")
+                return Result(cell, "failed", output="not started: the sweep was stopped"), gpu
             env = dict(envs[cell.key])
             if gpu is not None:
                 env["CUDA_VISIBLE_DEVICES"] = gpu
@@ -133,22 +135,27 @@ def run_local(cells: list[Cell], envs: dict[str, dict[str, str]], parallel: int,
                     cell_command(cell), env, on_line=(lambda line: print("    " + line, end="", flush=True)) if echo
                     else None, started=started)
             except Exception as e:  # the process could not start: this cell fails, the others go on
-                return Result(cell, "failed", time.time() - start, output=f"cannot run the cell: {e!r}")
-            return Result(cell, "finished" if code == 0 else "failed", time.time() - start, output=output)
-        finally:
+                return Result(cell, "failed", time.time() - start, output=f"cannot run the cell: {e!r}"), gpu
+            return Result(cell, "finished" if code == 0 else "failed", time.time() - start, output=output), gpu
+        except BaseException:
             slots.put(gpu)
+            raise
 
     pool = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="cell")
     try:
         futures = [pool.submit(work, cell) for cell in cells]
         for future in as_completed(futures):
-            yield future.result()
+            result, gpu = future.result()
+            yield result
+            slots.put(gpu)
     finally:
         # The cells are in sessions of their own: nothing else stops them (SIGTERM to the
         # sweep arrives here as an exception, through interrupts.stoppable).
         with lock:
             stopping.set()
             running = list(live)
+        for _ in range(parallel):  # wake the cells waiting for a slot: they see the sweep stopping
+            slots.put(None)
         servers.stop(*running)
         pool.shutdown(wait=True, cancel_futures=True)
 

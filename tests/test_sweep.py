@@ -334,6 +334,28 @@ def test_parallel_cells_are_pinned_to_distinct_gpus(tmp_path, monkeypatch):
     assert sorted(seen) == ["3", "3", "5", "5"]
 
 
+def test_one_at_a_time_a_cell_ends_before_the_next_starts(tmp_path, monkeypatch):
+    # The sweep records a cell's end (its run, FAILED if its process died) and says so before
+    # the next cell starts, so that the log reads in order and the ETA counts the cell as done.
+    spec = specs.load_spec(write_spec(tmp_path, {"seed": [0, 1, 2]}))
+    events = []
+    monkeypatch.setattr(executors, "run_cell_process", lambda command, env, on_line=None, started=None: (0, ""))
+    stream = executors.run_local(spec.cells, {c.key: {} for c in spec.cells}, parallel=1,
+                                 on_start=lambda cell, where: events.append(("start", cell.key)))
+    for result in stream:
+        time.sleep(0.1)  # the caller records the result
+        events.append(("end", result.cell.key))
+    assert events == [("start", "seed=0"), ("end", "seed=0"), ("start", "seed=1"), ("end", "seed=1"),
+                      ("start", "seed=2"), ("end", "seed=2")]
+    # Stopped after the first result (SIGTERM, Ctrl-C): the next cell never starts, and nothing hangs.
+    events.clear()
+    stream = executors.run_local(spec.cells, {c.key: {} for c in spec.cells}, parallel=1,
+                                 on_start=lambda cell, where: events.append(("start", cell.key)))
+    next(stream)
+    stream.close()
+    assert events == [("start", "seed=0")]
+
+
 def test_runs_left_running_by_dead_processes_are_closed(tmp_path, mlflow_store, monkeypatch):
     """A cell process killed outright (OOM killer) and a sweep killed with SIGKILL cannot
     close their runs; the sweep closes the first at once and the second when run again."""
