@@ -232,7 +232,7 @@ def export_cmd(experiment, output):
         s = archive.export_runs(experiment, output, echo=click.echo)
     except archive.ArchiveError as e:
         raise click.ClickException(str(e)) from None
-    note = f"; {s.skipped_running} RUNNING run(s) left out" if s.skipped_running else ""
+    note = f"; {s.skipped_running} RUNNING run{'s' * (s.skipped_running != 1)} left out" if s.skipped_running else ""
     click.echo(f"exported {s.runs} runs to {s.path} ({s.bytes / 1024:,.0f} KiB){note}")
 
 

@@ -154,14 +154,20 @@ def budget_section(s: Study, out: str, numbered) -> list[str]:
     if not cells:
         return []
     n = sum(len(rs) for rs in cells.values())
+    one = n == 1
     md = ["## Training budget", "",
           f"{plural(n, 'run')} trained longer than the tables' {s.budget} epochs, in cells the tables also hold; "
-          "they are not in the tables."]
+          + ("it is not in the tables." if one else "they are not in the tables.")]
     same = [abs(a - b) for (p, c), rs in cells.items()
             if (a := top1_at(rs, s.budget)) is not None and (b := top1_at(s.cell(s.main, p, c), s.budget)) is not None]
-    if same:
-        md[-1] += (f" After {s.budget} epochs, their test top-1 differs from the tables' runs of the same cell by "
-                   f"{max(same):.2f} points at most.")
+    if same and max(same) < 0.005:  # the longer runs' first epochs repeat the tables' runs
+        md[-1] += (f" After {s.budget} epochs, {'its' if one else 'their'} test top-1 equals that of the tables' "
+                   f"{'run' if one else 'runs'} of the same cell: the first {s.budget} epochs repeat "
+                   f"{'it' if one else 'them'}.")
+    elif same:
+        md[-1] += (f" After {s.budget} epochs, {'its' if one else 'their'} test top-1 differs from the tables' "
+                   f"{'run' if one else 'runs'} of the same cell by {max(same):.2f} points"
+                   + ("." if one else " at most."))
     md += [""]
     md += [f"**Table 7.** Test top-1 (%) of {model_label(s.main)} after the tables' budget and after longer "
            "training, with the epoch of the lowest test loss of the longer runs.", ""]

@@ -388,7 +388,7 @@ def pretrain_text(s: Study) -> list[str]:
         out += [pretrain_sentence(pre, len(s.pretrains) == 1), ""]
         out += [x for twin in s.twins(pre) if (line := twin_sentence(pre, twin)) for x in (line, "")]
     if s.pretrain_missing:
-        out += [f"Runs of {M} name pre-training run(s) {', '.join(f'`{i}`' for i in s.pretrain_missing)} (tag "
+        out += [f"Runs of {M} name pre-training {'runs' if len(s.pretrain_missing) > 1 else 'run'} {', '.join(f'`{i}`' for i in s.pretrain_missing)} (tag "
                 "`pretrain_run`) that the experiment does not hold as FINISHED pre-training runs.", ""]
     if not out:
         out = [f"No run of {M} starts from a pre-training run (no run has a `pretrain_run` tag).", ""]

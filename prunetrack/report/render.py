@@ -125,7 +125,7 @@ def settings_section(s: Study) -> list[str]:
         lines += [f"The runs were made by more than one software version ({join_words(versions)}): listed, not "
                   f"flagged, since a version is not a protocol setting; {agree}{git}.", ""]
     for why, rs in s.excluded.items():
-        lines.append(f"- Not in the tables: {len(rs)} run(s) with {why}: " + ", ".join(r.label for r in rs[:6])
+        lines.append(f"- Not in the tables: {plural(len(rs), 'run')} with {why}: " + ", ".join(r.label for r in rs[:6])
                      + (" …" if len(rs) > 6 else ""))
     if s.skipped:
         lines.append("- Ignored (not FINISHED): " + ", ".join(f"{n} {st}" for st, n in s.skipped.items()))
