@@ -76,8 +76,9 @@ def budget_table(s: Study, cells: dict) -> list[str]:
 
 
 def figure_budget(s: Study, cells: dict, path: str) -> bool:
-    """Test top-1 (left) and test loss (right) per epoch: the longer runs (solid) over the
-    tables' runs of the same cell (dashed); dotted: the tables' budget."""
+    """Test top-1 (left) and loss (right) per epoch: the longer runs (solid) over the tables'
+    runs of the same cell (dashed), with the longer runs' train loss (dash-dot) beside their
+    test loss, since levelling off is read from both; dotted: the tables' budget."""
     if not any(r.histories.get("test_top1") for rs in cells.values() for r in rs):
         return False
     fig = Figure(figsize=(10, 3.8))
@@ -92,7 +93,10 @@ def figure_budget(s: Study, cells: dict, path: str) -> bool:
             short = mean_history(s.cell(s.main, p, c), key)
             if short:
                 ax.plot(*zip(*short), ls="--", color=color, alpha=0.7)
-    for ax, what in ((top1, "test top-1, %"), (loss, "test loss")):
+        train = mean_history(runs, "train_loss")
+        if train:
+            loss.plot(*zip(*train), ls="-.", lw=1, color=color, alpha=0.7)
+    for ax, what in ((top1, "test top-1, %"), (loss, "loss")):
         ax.axvline(s.budget, color="grey", ls=":")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
@@ -100,6 +104,7 @@ def figure_budget(s: Study, cells: dict, path: str) -> bool:
         ax.grid(alpha=0.3)
     top1.legend(fontsize=7)
     top1.set_title(f"solid: longer runs; dashed: the tables' runs; dotted: epoch {s.budget}", fontsize=9)
+    loss.set_title("test loss (solid, dashed); train loss of the longer runs (dash-dot)", fontsize=9)
     fig.tight_layout()
     _save(fig, path)
     return True
@@ -144,8 +149,26 @@ def budget_findings(s: Study, cells: dict) -> list[str]:
                   f"the pruners after an equal budget of {s.budget} epochs, "
                   + (f"not their accuracy at {end}." if grew else
                      f"within the test set's sampling error of their accuracy at {end}."))
-        out.append(words)
+        out.append(words + _loss_words(s, row, end))
     return out
+
+
+def _loss_words(s: Study, row: dict, end: int) -> str:
+    """Each pruner's test loss after the tables' budget against its lowest, and its train
+    loss after the budget and at the end: whether the test loss had levelled off while the
+    train loss went on falling."""
+    parts = []
+    for p, rs in row.items():
+        test, train = dict(mean_history(rs, "test_loss")), dict(mean_history(rs, "train_loss"))
+        if s.budget not in test:
+            continue
+        low_epoch = min(test, key=test.get)
+        part = (f"{pruner_label(p)}: test loss {test[s.budget]:.3f} after {s.budget} epochs, lowest {test[low_epoch]:.3f} "
+                f"at epoch {low_epoch}")
+        if s.budget in train and end in train:
+            part += f"; train loss {train[s.budget]:.3f} after {s.budget}, {train[end]:.3f} after {end}"
+        parts.append(part)
+    return (" " + "; ".join(parts) + ".") if parts else ""
 
 
 def budget_section(s: Study, out: str, numbered) -> list[str]:
@@ -175,6 +198,6 @@ def budget_section(s: Study, out: str, numbered) -> list[str]:
     file = "training_budget.png"
     if figure_budget(s, cells, os.path.join(out, file)):
         md += numbered.add(file, f"Test top-1 and test loss per epoch of the runs trained longer (solid) and of "
-                                 f"the tables' runs of the same cells (dashed); dotted: the tables' budget of "
-                                 f"{s.budget} epochs.")
+                                 f"the tables' runs of the same cells (dashed), and the train loss of the runs "
+                                 f"trained longer (dash-dot); dotted: the tables' budget of {s.budget} epochs.")
     return md + budget_findings(s, cells) + [""]
