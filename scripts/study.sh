@@ -6,10 +6,12 @@
 #
 #   bash scripts/study.sh start    # import the committed export, then start (or resume) the sweep in the background
 #   bash scripts/study.sh status   # every cell's state and the time left (sweep --dry-run), and the log's tail
-#   bash scripts/study.sh stop     # stop the sweep; the cell in training keeps its checkpoint
+#   bash scripts/study.sh stop     # stop the sweep once the cell in training saved its next checkpoint
 #   bash scripts/study.sh finish   # stop, time the cells finished since the last pass, export them, regenerate the report
 #   bash scripts/study.sh retime   # stop, then time every finished cell in one pass (the study's last step:
 #                                  # cells of one pass compare best; about a minute per cell on 2 cores)
+# stop, finish and retime wait for the next per-epoch checkpoint (at most one epoch), so that
+# no training is lost; with --now they stop at once and the cell resumes from its last one.
 #
 # SPEC (default sweeps/study_vgg16.yaml) picks another spec of the same experiment, e.g.
 #   SPEC=sweeps/study_resnet50.yaml bash scripts/study.sh start
@@ -34,6 +36,14 @@ update_code() {  # the committed code, while no cell runs from the clone
 }
 
 stop() {
+  if running && [ "${1:-}" != --now ]; then
+    # A checkpoint's progress.json is written last, after its state: one newer than the
+    # marker means an epoch was just saved.
+    echo "waiting for the cell in training to save its next checkpoint (at most one epoch; --now stops at once)"
+    touch stop.marker
+    until [ -n "$(find checkpoints -name progress.json -newer stop.marker 2>/dev/null)" ] || ! running; do sleep 2; done
+    rm -f stop.marker
+  fi
   if running; then
     kill -TERM "$(cat sweep.pid)"  # the sweep stops its cell (run KILLED, checkpoint kept)
     while running; do sleep 1; done
@@ -60,10 +70,10 @@ case "${1:-}" in
     grep -v '^      ' sweep.log | tail -n 5 || true
     ;;
   stop)
-    stop
+    stop "${2:-}"
     ;;
   finish)
-    stop
+    stop "${2:-}"
     update_code
     prunetrack time --experiment "$EXPERIMENT" --untimed
     mkdir -p "$(dirname "$EXPORT")"
@@ -71,12 +81,12 @@ case "${1:-}" in
     cd "$REPO" && "$PY" -m prunetrack report --experiment "$EXPERIMENT" --name cifar10
     ;;
   retime)
-    stop
+    stop "${2:-}"
     update_code
     prunetrack time --experiment "$EXPERIMENT"
     ;;
   *)
-    sed -n '2,16p' "$REPO/scripts/study.sh"
+    sed -n '2,17p' "$REPO/scripts/study.sh"
     exit 2
     ;;
 esac
