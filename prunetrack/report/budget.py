@@ -163,8 +163,8 @@ def _loss_words(s: Study, row: dict, end: int) -> str:
         if s.budget not in test:
             continue
         low_epoch = min(test, key=test.get)
-        part = (f"{pruner_label(p)}: test loss {test[s.budget]:.3f} after {s.budget} epochs, lowest {test[low_epoch]:.3f} "
-                f"at epoch {low_epoch}")
+        part = (f"{pruner_label(p)}: test loss {test[s.budget]:.3f} after {s.budget} epochs, "
+                f"lowest {test[low_epoch]:.3f} at epoch {low_epoch}")
         if s.budget in train and end in train:
             part += f"; train loss {train[s.budget]:.3f} after {s.budget}, {train[end]:.3f} after {end}"
         parts.append(part)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import statistics
 from collections import Counter
+from typing import NamedTuple
 
 from prunetrack.report.records import (
     ACCURACY,
@@ -210,6 +211,14 @@ def _ranges_overlap(a: list[Run], b: list[Run], key: str) -> bool:
     return bool(ra and rb) and ra[0] <= rb[1] and rb[0] <= ra[1]
 
 
+class _Speedup(NamedTuple):
+    pruner: str
+    compression: float
+    predicted: float   # dense FLOPs over effective FLOPs
+    time: float        # the cell's testing time
+    measured: float    # the dense network's testing time over the cell's
+
+
 def speedup_findings(s: Study) -> list[str]:
     """Measured testing-time speedup over the dense baseline against the speedup FLOPs predict."""
     M, metric = s.main, s.time_metric
@@ -238,32 +247,36 @@ def speedup_findings(s: Study) -> list[str]:
             if not theo:
                 missing.append(cell_name(M, p, c))
                 continue
-            cell = (p, c, statistics.fmean(theo), t.mean, base.mean / t.mean)
+            cell = _Speedup(p, c, statistics.fmean(theo), t.mean, base.mean / t.mean)
             cells.append(cell)
             if _ranges_overlap(runs, base_runs, metric.key):
                 unmeasurable.append(cell)
     dense = f"{metric.fmt(base.mean)} {metric.unit} dense {cell_name(M, None, 1.0)}"
-    for cell in cells:
-        if len(unmeasurable) > 1 and cell in unmeasurable:
-            continue  # one sentence for all of them, below
-        p, c, theo, t, measured = cell
-        out.append(f"- {cell_name(M, p, c)}: FLOPs predict a {theo:.2f}x speedup; measured testing time "
-                   f"{metric.fmt(t)} {metric.unit} vs {dense} is a {measured:.2f}x speedup "
-                   f"({measured / theo:.0%} of the predicted)"
+    grouped = len(unmeasurable) > 1  # one sentence for all of them, below
+    for x in cells:
+        if grouped and x in unmeasurable:
+            continue
+        out.append(f"- {cell_name(M, x.pruner, x.compression)}: FLOPs predict a {x.predicted:.2f}x speedup; measured "
+                   f"testing time {metric.fmt(x.time)} {metric.unit} vs {dense} is a {x.measured:.2f}x speedup "
+                   f"({x.measured / x.predicted:.0%} of the predicted)"
                    + ("; its rounds' range overlaps the dense network's, so no speedup is measurable."
-                      if cell in unmeasurable else "."))
-    if len(unmeasurable) > 1:
-        by_pruner = {p: [c for pp, c, *_ in unmeasurable if pp == p] for p, *_ in unmeasurable}
-        where = (f"{'both' if len(cells) == 2 else f'all {len(cells)}'} pruned cells of {model_label(M)}" if len(unmeasurable) == len(cells) else
-                 f"{len(unmeasurable)} of {len(cells)} pruned cells ("
-                 + join_words([f"{pruner_label(p)} at {', '.join(f'{c:g}' for c in cs)}x"
-                               for p, cs in by_pruner.items()]) + ")")
-        out.append(f"- No measurable speedup in {where}: FLOPs predict {value_range([u[2] for u in unmeasurable], '{:.2f}'.format)}x "
-                   f"speedups; measured testing times of {value_range([u[3] for u in unmeasurable], metric.fmt)} "
-                   f"{metric.unit} vs {dense} are {value_range([u[4] for u in unmeasurable], '{:.2f}'.format)}x "
-                   "speedups, and each cell's range over its rounds overlaps the dense network's. The masks zero "
-                   "weights inside dense tensors, so inference still runs the dense convolutions: fewer FLOPs "
-                   "need sparse kernels or structured (channel) pruning to become time.")
+                      if x in unmeasurable else "."))
+    if grouped:
+        if len(unmeasurable) == len(cells):
+            where = f"{'both' if len(cells) == 2 else f'all {len(cells)}'} pruned cells of {model_label(M)}"
+        else:
+            by_pruner = {x.pruner: [y.compression for y in unmeasurable if y.pruner == x.pruner] for x in unmeasurable}
+            where = (f"{len(unmeasurable)} of {len(cells)} pruned cells ("
+                     + join_words([f"{pruner_label(p)} at {', '.join(f'{c:g}' for c in cs)}x"
+                                   for p, cs in by_pruner.items()]) + ")")
+        ratio = "{:.2f}".format
+        out.append(f"- No measurable speedup in {where}: FLOPs predict "
+                   f"{value_range([x.predicted for x in unmeasurable], ratio)}x speedups; measured testing times of "
+                   f"{value_range([x.time for x in unmeasurable], metric.fmt)} {metric.unit} vs {dense} are "
+                   f"{value_range([x.measured for x in unmeasurable], ratio)}x speedups, and each cell's range over "
+                   "its rounds overlaps the dense network's. The masks zero weights inside dense tensors, so "
+                   "inference still runs the dense convolutions: fewer FLOPs need sparse kernels or structured "
+                   "(channel) pruning to become time.")
     if missing:
         out.append(f"- No FLOPs logged for {', '.join(missing)}, so their measured testing time cannot be "
                    "compared with a theoretical speedup.")
@@ -388,7 +401,8 @@ def pretrain_text(s: Study) -> list[str]:
         out += [pretrain_sentence(pre, len(s.pretrains) == 1), ""]
         out += [x for twin in s.twins(pre) if (line := twin_sentence(pre, twin)) for x in (line, "")]
     if s.pretrain_missing:
-        out += [f"Runs of {M} name pre-training {'runs' if len(s.pretrain_missing) > 1 else 'run'} {', '.join(f'`{i}`' for i in s.pretrain_missing)} (tag "
+        ids = ", ".join(f"`{i}`" for i in s.pretrain_missing)
+        out += [f"Runs of {M} name pre-training {'runs' if len(s.pretrain_missing) > 1 else 'run'} {ids} (tag "
                 "`pretrain_run`) that the experiment does not hold as FINISHED pre-training runs.", ""]
     if not out:
         out = [f"No run of {M} starts from a pre-training run (no run has a `pretrain_run` tag).", ""]
