@@ -154,10 +154,14 @@ def run_local(cells: list[Cell], envs: dict[str, dict[str, str]], parallel: int,
         with lock:
             stopping.set()
             running = list(live)
-        for _ in range(parallel):  # wake the cells waiting for a slot: they see the sweep stopping
+        # Cells not begun are cancelled first, so that no worker takes one while the running
+        # cells stop; a worker that took one already waits for a slot: wake it (one per
+        # worker), and it sees the sweep stopping.
+        pool.shutdown(wait=False, cancel_futures=True)
+        for _ in range(parallel):
             slots.put(None)
         servers.stop(*running)
-        pool.shutdown(wait=True, cancel_futures=True)
+        pool.shutdown(wait=True)
 
 
 def _ray_cell(command: list[str], env: dict[str, str]) -> tuple[int, str, float]:

@@ -356,6 +356,37 @@ def test_one_at_a_time_a_cell_ends_before_the_next_starts(tmp_path, monkeypatch)
     assert events == [("start", "seed=0")]
 
 
+STOP_WHILE_A_CELL_RUNS = """
+import os, signal, sys, threading, time
+from prunetrack import executors, servers, spec
+cells = spec.load_spec(sys.argv[1]).cells
+told = threading.Event()
+def cell(command, env, on_line=None, started=None):
+    told.wait()
+    return -15, ""
+def stop(*procs):  # the running cell takes a while to exit once told to stop
+    told.set()
+    time.sleep(0.5)
+executors.run_cell_process, servers.stop = cell, stop
+threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()  # Ctrl-C while the first cell runs
+starts = []
+try:
+    for result in executors.run_local(cells, {c.key: {} for c in cells}, 1, lambda c, where: starts.append(c.key)):
+        pass
+except KeyboardInterrupt:
+    print("stopped after starting", starts)
+"""
+
+
+def test_a_sweep_stopped_while_a_cell_runs_exits(tmp_path):
+    # While the running cell stops, its worker must not take the next cell and wait for a slot
+    # forever: the sweep would hang at exit with its run RUNNING.
+    path = write_spec(tmp_path, {"seed": [0, 1, 2]})
+    proc = subprocess.run([sys.executable, "-c", STOP_WHILE_A_CELL_RUNS, path], env={**os.environ, "PYTHONPATH": REPO},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "stopped after starting ['seed=0']" in proc.stdout, proc.stdout + proc.stderr
+
+
 def test_runs_left_running_by_dead_processes_are_closed(tmp_path, mlflow_store, monkeypatch):
     """A cell process killed outright (OOM killer) and a sweep killed with SIGKILL cannot
     close their runs; the sweep closes the first at once and the second when run again."""
