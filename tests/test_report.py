@@ -168,9 +168,17 @@ def test_settings_and_findings_come_from_the_runs(study):
     lo, hi = min(dens, key=dens.get), max(dens, key=dens.get)
     assert f"prunes `{lo}` most (density {dens[lo]:.4f}) and `{hi}` least" in findings
     mag = study["client"].get_run(study["ids"][("mag", 10.0, 0)]).data.metrics
-    assert f"[ResNet20 · Mag · 10x]: FLOPs predict a {mag['theoretical_speedup']:.2f}x speedup" in findings
     measured = rand1.data.metrics["test_time"] / mag["test_time"]
-    assert f"is a {measured:.2f}x speedup" in findings
+    # Whether Mag's timing repeats overlap the dense network's depends on the machine's noise: if they do,
+    # Mag is in the one sentence for such cells (its speedups among the ranges' ends), else on its own line.
+    speedups = [ln for ln in findings.splitlines() if "FLOPs predict" in ln]
+    own = [ln for ln in speedups if ln.startswith("- [ResNet20 · Mag · 10x]: ")]
+    if own:
+        assert own[0].startswith(f"- [ResNet20 · Mag · 10x]: FLOPs predict a {mag['theoretical_speedup']:.2f}x speedup")
+        assert f"is a {measured:.2f}x speedup" in own[0]
+    else:
+        grouped = next(ln for ln in speedups if ln.startswith("- No measurable speedup in "))
+        assert f"{mag['theoretical_speedup']:.2f}" in grouped and f"{measured:.2f}" in grouped, grouped
 
 
 def test_figures_are_valid_pngs_and_logged_to_a_report_run(study):
