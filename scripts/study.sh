@@ -36,6 +36,10 @@ update_code() {  # the committed code, while no cell runs from the clone
 }
 
 stop() {
+  case "${1:-}" in
+    ""|--now) ;;
+    *) echo "study.sh: unknown option '$1' (accepted: --now, to stop at once)" >&2; exit 2 ;;
+  esac
   if running && [ "${1:-}" != --now ]; then
     # A checkpoint's progress.json is written last, after its state: one newer than the
     # marker means an epoch was just saved.
