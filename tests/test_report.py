@@ -143,12 +143,12 @@ def test_settings_and_findings_come_from_the_runs(study):
     settings = text.split("## Settings", 1)[1].split("## Tables", 1)[0]
     rand1 = runs[("rand", 1.0, 0)]
     lr_line = next(ln for ln in settings.splitlines() if "**Learning rate**" in ln)
-    assert "differs" in lr_line and "`0.002` in 1 runs" in lr_line and rand1.info.run_id[:8] in lr_line
+    assert "differs" in lr_line and "`0.002` in 1 run (" in lr_line and rand1.info.run_id[:8] in lr_line
     # Synthetic data is drawn from the seed, so the seed-1 run used other data: flagged, by name.
     sha_line = next(ln for ln in settings.splitlines() if "**Dataset SHA-256**" in ln)
     seed1 = runs[("rand", 10.0, 1)]
     assert "differs" in sha_line
-    assert f"`{seed1.data.tags['dataset_sha256']}` in 1 runs ({seed1.info.run_name} ({seed1.info.run_id[:8]}))" \
+    assert f"`{seed1.data.tags['dataset_sha256']}` in 1 run ({seed1.info.run_name} ({seed1.info.run_id[:8]}))" \
         in sha_line
     commit_line = next(ln for ln in settings.splitlines() if "**Git commit**" in ln)
     assert f"`{rand1.data.tags['git_commit']}`" in commit_line

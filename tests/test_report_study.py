@@ -311,7 +311,7 @@ def test_runs_from_other_commits_are_listed_but_not_flagged_as_another_protocol(
     runs = [make_run("rand", 10, metrics={"test_accuracy": 80.0}, tags={"git_commit": "aaa111"}),
             make_run("snip", 10, metrics={"test_accuracy": 81.0}, tags={"git_commit": "bbb222"})]
     text = render.render(study(runs), str(tmp_path)).split("## Settings", 1)[1].split("## Tables", 1)[0]
-    assert "- **Git commit**: differs between runs: `aaa111` in 1 runs" in text
+    assert "- **Git commit**: differs between runs: `aaa111` in 1 run " in text
     assert "⚠" not in text.replace("⚠ below marks any that differ", "")
     assert ("The runs were made by more than one software version (Git commit): listed, not flagged, since a "
             "version is not a protocol setting; every protocol setting above agrees; `git log` between the commits "

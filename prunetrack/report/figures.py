@@ -178,7 +178,7 @@ def draw(s: Study, out: str) -> list[tuple[str, str]]:
             continue
         file = f"weight_histograms_{p}.png"
         figure_histograms(run.histograms, f"{M}, {pruner_label(p)}, {F:g}x (run {run.label})", os.path.join(out, file))
-        when = "the pre-trained weights it pruned" if run.pretrained else "at initialization"
+        when = "as pre-trained, when it pruned them" if run.pretrained else "at initialization"
         entries.append((file, f"Weight histograms of {M} pruned by {pruner_label(p)} at {F:g}x, one panel per layer: "
                               f"surviving weights {when} (grey) and after training (blue), d = layer "
                               f"density; from run {run.label}."))

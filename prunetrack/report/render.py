@@ -78,10 +78,10 @@ def settings_section(s: Study) -> list[str]:
     values among the runs is flagged with the runs holding each."""
     runs = s.runs
     lines = ["## Settings", "",
-             f"Read from the {len(runs)} finished prune runs of experiment `{s.opts.experiment}` "
+             f"Read from the {plural(len(runs), 'finished prune run')} of experiment `{s.opts.experiment}` "
              f"(id {s.experiment_id}) at `{s.tracking_uri}`.", "", protocol(s), ""]
     models = Counter(r.model for r in runs)
-    lines.append("- **Models**: " + ", ".join(f"{model_label(m)} ({n} runs)" for m, n in models.items()))
+    lines.append("- **Models**: " + ", ".join(f"{model_label(m)} ({plural(n, 'run')})" for m, n in models.items()))
     flagged, versions = 0, []
 
     def describe(key: str, title: str, group: list[Run], suffix: str = "") -> None:
@@ -93,7 +93,7 @@ def settings_section(s: Study) -> list[str]:
         if len(values) == 1:
             lines.append(f"- **{title}**{suffix}: `{next(iter(values))}`")
             return
-        parts = [f"`{v}` in {len(rs)} runs ({names(rs)})"
+        parts = [f"`{v}` in {plural(len(rs), 'run')} ({names(rs)})"
                  for v, rs in sorted(values.items(), key=lambda kv: -len(kv[1]))]
         if key in PROVENANCE:
             versions.append(title)
