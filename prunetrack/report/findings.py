@@ -231,7 +231,8 @@ def speedup_findings(s: Study) -> list[str]:
     else:
         out = [f"- Testing times below are the jobs' own `{metric.key}`, measured while training shared the "
                "machine: the speedups are not comparable across cells."]
-    missing, cells, unmeasurable = [], [], []
+    missing, cells, unmeasurable, elsewhere = [], [], [], []
+    base_passes = {r.tags.get("timing.when") for r in base_runs} - {None}
     for c in s.compressions:
         if c == 1.0:
             continue
@@ -248,6 +249,12 @@ def speedup_findings(s: Study) -> list[str]:
                 missing.append(cell_name(M, p, c))
                 continue
             cell = _Speedup(p, c, statistics.fmean(theo), t.mean, base.mean / t.mean)
+            passes = {r.tags.get("timing.when") for r in runs} - {None}
+            if base_passes and passes and not passes & base_passes:
+                # Passes drift apart by more than their rounds' spread: only cells timed in the
+                # dense network's pass can say whether pruning bought time.
+                elsewhere.append(cell)
+                continue
             cells.append(cell)
             if _ranges_overlap(runs, base_runs, metric.key):
                 unmeasurable.append(cell)
@@ -277,10 +284,15 @@ def speedup_findings(s: Study) -> list[str]:
                    "its rounds overlaps the dense network's. The masks zero weights inside dense tensors, so "
                    "inference still runs the dense convolutions: fewer FLOPs need sparse kernels or structured "
                    "(channel) pruning to become time.")
+    if elsewhere:
+        out.append(f"- Not compared with the dense network: {join_words([cell_name(M, x.pruner, x.compression) for x in elsewhere])} "
+                   f"{'was' if len(elsewhere) == 1 else 'were'} timed in another pass than it, and passes differ by more "
+                   f"than their rounds' spread (FLOPs predict {value_range([x.predicted for x in elsewhere], '{:.2f}'.format)}x "
+                   "speedups); `prunetrack time` without `--untimed` times every cell in one pass.")
     if missing:
         out.append(f"- No FLOPs logged for {', '.join(missing)}, so their measured testing time cannot be "
                    "compared with a theoretical speedup.")
-    return out if cells or missing else []
+    return out if cells or missing or elsewhere else []
 
 
 def mean_history(runs, key: str) -> list[tuple[int, float]]:
