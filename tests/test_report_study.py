@@ -222,6 +222,13 @@ def test_cells_timed_in_several_passes_say_so():
     assert ("precision bf16; in 2 passes, each interleaving only its own runs: 2 runs at 2026-01-02T03:04:05+00:00 "
             "(load average 0.08); 1 run at 2026-01-05T00:00:00+00:00 (load average 0.30). Runs of different passes "
             "compare less well than runs of one pass.") in "\n".join(tables.tables_section(s))
+    # Only the cell timed in the dense network's pass is compared with it.
+    found = findings.speedup_findings(s)
+    assert found[1].startswith("- [ResNet20 · SNIP · 10x]: FLOPs predict a 10.00x speedup; measured testing time 52.0 ms")
+    assert found[2] == ("- Not compared with the dense network: [ResNet20 · Rand · 10x] was timed in another pass than "
+                        "it, and passes differ by more than their rounds' spread (FLOPs predict 10.00x speedups); "
+                        "`prunetrack time` without `--untimed` times every cell in one pass.")
+    assert len(found) == 3
 
 def test_without_the_timing_pass_the_jobs_times_are_flagged():
     s = study([make_run("rand", 10, metrics={"test_accuracy": 50.0, "test_time": 0.02})], pruners=("rand",))
