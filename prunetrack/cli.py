@@ -13,6 +13,7 @@ import sys
 import click
 
 from prunetrack import config
+from prunetrack.progress import plural
 
 
 def _option(f):
@@ -232,8 +233,8 @@ def export_cmd(experiment, output):
         s = archive.export_runs(experiment, output, echo=click.echo)
     except archive.ArchiveError as e:
         raise click.ClickException(str(e)) from None
-    note = f"; {s.skipped_running} RUNNING run{'s' * (s.skipped_running != 1)} left out" if s.skipped_running else ""
-    click.echo(f"exported {s.runs} runs to {s.path} ({s.bytes / 1024:,.0f} KiB){note}")
+    note = f"; {plural(s.skipped_running, 'RUNNING run')} left out" if s.skipped_running else ""
+    click.echo(f"exported {plural(s.runs, 'run')} to {s.path} ({s.bytes / 1024:,.0f} KiB){note}")
 
 
 @cli.command("import")
@@ -253,7 +254,7 @@ def import_cmd(file, experiment):
         s = archive.import_runs(file, experiment, echo=click.echo)
     except archive.ArchiveError as e:
         raise click.ClickException(str(e)) from None
-    click.echo(f"imported {s.imported} runs into experiment {s.experiment!r}"
+    click.echo(f"imported {plural(s.imported, 'run')} into experiment {s.experiment!r}"
                + (f" ({s.skipped} imported before, skipped)" if s.skipped else ""))
 
 

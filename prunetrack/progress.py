@@ -1,4 +1,5 @@
-"""Progress lines for long work, and the h:mm:ss clock they and the sweep print."""
+"""Progress lines for long work, and the words (an h:mm:ss clock, counted nouns) they, the
+commands and the report print."""
 from __future__ import annotations
 
 import sys
@@ -8,6 +9,11 @@ import time
 def clock(seconds: float) -> str:
     s = int(round(seconds))
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def plural(n, word: str) -> str:
+    """ "1 run", "2 runs"; `n` may come as text (a logged tag)."""
+    return f"{n} {word}{'' if str(n) in ('1', '1.0') else 's'}"
 
 
 class Progress:

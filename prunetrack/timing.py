@@ -23,6 +23,7 @@ import mlflow
 import torch
 
 from prunetrack import data, masking, measure, models, store, tracking, training
+from prunetrack.progress import plural
 
 
 @dataclass
@@ -83,7 +84,7 @@ def time_runs(experiment: str, rounds: int = 5, batch_size: int = 256, device: s
         precision = tags.get("precision") or training.resolve_precision(p.get("precision", "auto"), dev)
         net = training.prepare(net.to(dev)).eval()
         timed.append(Timed(r.info.run_id, r.info.run_name, net, batches, precision))
-    echo(f"timing {len(timed)} runs of {experiment!r}: {rounds} rounds of a full test-set evaluation each, "
+    echo(f"timing {plural(len(timed), 'run')} of {experiment!r}: {plural(rounds, 'round')} of a full test-set evaluation each, "
          f"batch {batch_size}, on {device_name(dev)}")
 
     sync = measure.device_sync(dev)

@@ -11,7 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from test_report import check_png, job, table
 
-from prunetrack.report import ReportOptions, Run, assemble, build_report, figures, findings, render, tables
+from prunetrack.report import ReportError, ReportOptions, Run, assemble, build_report, figures, findings, render, tables
 
 HIST = {"layers": {"conv1": {"init": {"counts": [1, 2], "edges": [-1.0, 0.0, 1.0]},
                              "final": {"counts": [2, 1], "edges": [-1.0, 0.0, 1.0]}, "density": 0.5}}}
@@ -85,6 +85,17 @@ def test_tables_from_records_equal_the_expected_rows():
     marked = {(p, c) for n in (2, 3, 4) for row in rows(text, n) for p, cell in zip(s.pruners, row[1:])
               for c in [float(row[0].rstrip("x"))] if cell in ("—", "—*")}
     assert marked == {(p, c) for (_, p, c) in s.missing}
+
+
+def test_runs_on_several_datasets_need_a_choice():
+    """A report mixes no datasets: without --dataset the error names each one with its run
+    count, and choosing one reports only its runs."""
+    runs = hand_built() + [make_run("rand", 10, 5, params={"dataset": "cifar10"},
+                                    metrics={"test_accuracy": 90.0})]
+    with pytest.raises(ReportError) as e:
+        hand_study(runs)
+    assert "synthetic: 4 runs, cifar10: 1 run" in str(e.value) and "--dataset" in str(e.value)
+    assert [r.name for r in hand_study(runs, dataset="cifar10").runs] == ["resnet20-rand-10x-s5"]
 
 
 def test_figure_set_from_records(tmp_path):

@@ -36,7 +36,7 @@ def test_timing_pass_logs_median_spread_and_conditions_to_each_run(mlflow_store)
     result = CliRunner().invoke(cli.cli, ["time", "--experiment", "timed", "--rounds", "2", "--batch-size", "50",
                                           "--device", "cpu", "--untimed"])
     assert result.exit_code == 0, result.output
-    assert "timing 1 runs" in result.output and client.get_run(new).data.tags["timing.rounds"] == "2"
+    assert "timing 1 run of" in result.output and client.get_run(new).data.tags["timing.rounds"] == "2"
     assert all(client.get_run(i).data.tags["timing.rounds"] == "3" for i in ids)  # left as they were
     result = CliRunner().invoke(cli.cli, ["time", "--experiment", "timed", "--untimed"])
     assert result.exit_code == 0 and "nothing to time" in result.output

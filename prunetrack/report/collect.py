@@ -33,6 +33,7 @@ from prunetrack.report.records import (
     ReportOptions,
     Run,
     Study,
+    plural,
 )
 from prunetrack.store import public_uri
 from prunetrack.tracking import KIND_TAG, outcome
@@ -77,8 +78,9 @@ def group(opts: ReportOptions, runs: list[Run], experiment_id: str = "", trackin
     datasets = Counter(r.setting("dataset") for r in runs)
     dataset = opts.dataset or (next(iter(datasets)) if len(datasets) == 1 else "")
     if not dataset:
-        raise ReportError(f"experiment {opts.experiment!r} holds runs on several datasets "
-                          f"({', '.join(f'{d}: {n} runs' for d, n in datasets.items())}); choose one with --dataset")
+        counts = ", ".join(f"{d}: {plural(n, 'run')}" for d, n in datasets.items())
+        raise ReportError(f"experiment {opts.experiment!r} holds runs on several datasets ({counts}); "
+                          "choose one with --dataset")
     if dataset not in datasets:
         raise ReportError(f"no finished runs on dataset {dataset!r}; found: {', '.join(datasets)}")
     excluded: dict[str, list[Run]] = defaultdict(list)

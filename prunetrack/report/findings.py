@@ -25,6 +25,7 @@ from prunetrack.report.records import (
     pruner_label,
     pruner_name,
     round_range,
+    timing_passes,
     value_range,
 )
 
@@ -232,7 +233,7 @@ def speedup_findings(s: Study) -> list[str]:
         out = [f"- Testing times below are the jobs' own `{metric.key}`, measured while training shared the "
                "machine: the speedups are not comparable across cells."]
     missing, cells, unmeasurable, elsewhere = [], [], [], []
-    base_passes = {r.tags.get("timing.when") for r in base_runs} - {None}
+    base_passes = timing_passes(base_runs)
     for c in s.compressions:
         if c == 1.0:
             continue
@@ -249,7 +250,7 @@ def speedup_findings(s: Study) -> list[str]:
                 missing.append(cell_name(M, p, c))
                 continue
             cell = _Speedup(p, c, statistics.fmean(theo), t.mean, base.mean / t.mean)
-            passes = {r.tags.get("timing.when") for r in runs} - {None}
+            passes = timing_passes(runs)
             if base_passes and passes and not passes & base_passes:
                 # Passes drift apart by more than their rounds' spread: only cells timed in the
                 # dense network's pass can say whether pruning bought time.
@@ -259,6 +260,7 @@ def speedup_findings(s: Study) -> list[str]:
             if _ranges_overlap(runs, base_runs, metric.key):
                 unmeasurable.append(cell)
     dense = f"{metric.fmt(base.mean)} {metric.unit} dense {cell_name(M, None, 1.0)}"
+    ratio = "{:.2f}".format
     grouped = len(unmeasurable) > 1  # one sentence for all of them, below
     for x in cells:
         if grouped and x in unmeasurable:
@@ -276,7 +278,6 @@ def speedup_findings(s: Study) -> list[str]:
             where = (f"{len(unmeasurable)} of {len(cells)} pruned cells ("
                      + join_words([f"{pruner_label(p)} at {', '.join(f'{c:g}' for c in cs)}x"
                                    for p, cs in by_pruner.items()]) + ")")
-        ratio = "{:.2f}".format
         out.append(f"- No measurable speedup in {where}: FLOPs predict "
                    f"{value_range([x.predicted for x in unmeasurable], ratio)}x speedups; measured testing times of "
                    f"{value_range([x.time for x in unmeasurable], metric.fmt)} {metric.unit} vs {dense} are "
@@ -287,7 +288,7 @@ def speedup_findings(s: Study) -> list[str]:
     if elsewhere:
         out.append(f"- Not compared with the dense network: {join_words([cell_name(M, x.pruner, x.compression) for x in elsewhere])} "
                    f"{'was' if len(elsewhere) == 1 else 'were'} timed in another pass than it, and passes differ by more "
-                   f"than their rounds' spread (FLOPs predict {value_range([x.predicted for x in elsewhere], '{:.2f}'.format)}x "
+                   f"than their rounds' spread (FLOPs predict {value_range([x.predicted for x in elsewhere], ratio)}x "
                    "speedups); `prunetrack time` without `--untimed` times every cell in one pass.")
     if missing:
         out.append(f"- No FLOPs logged for {', '.join(missing)}, so their measured testing time cannot be "

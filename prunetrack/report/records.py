@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from prunetrack import config
+from prunetrack.progress import plural  # noqa: F401  (the report modules take it from here)
 
 # The study's rows: a VGG16 and ResNet50. The VGG16 is the variant the runs used (with or
 # without BatchNorm; both if both ran); with none, the default model, with BatchNorm.
@@ -168,16 +169,17 @@ def names(runs, limit: int = 4) -> str:
     return shown + (f", … {len(runs) - limit} more" if len(runs) > limit else "")
 
 
-def plural(n, word: str) -> str:
-    return f"{n} {word}{'' if str(n) in ('1', '1.0') else 's'}"
-
-
 def round_range(runs: list, key: str) -> tuple[float, float] | None:
     """The lowest `<key>_min` and highest `<key>_max` over `runs` (a timing's rounds), or None
     when they did not log both."""
     lo = [r.metrics[f"{key}_min"] for r in runs if f"{key}_min" in r.metrics]
     hi = [r.metrics[f"{key}_max"] for r in runs if f"{key}_max" in r.metrics]
     return (min(lo), max(hi)) if lo and hi else None
+
+
+def timing_passes(runs) -> set[str]:
+    """The controlled timing passes (their `timing.when` tags) that timed any of `runs`."""
+    return {r.tags["timing.when"] for r in runs if "timing.when" in r.tags}
 
 
 def n_words(ns) -> str:
