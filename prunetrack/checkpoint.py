@@ -1,7 +1,8 @@
 """Per-epoch checkpoints in a local cache, so that a job killed at any moment resumes
 from its last finished epoch.
 
-One folder per configuration (its `config_hash`) under the checkpoint root (the
+One folder per configuration (its `config_hash`; a shared pre-training's is
+`pretrain-<pretrain_hash>`) under the checkpoint root (the
 `checkpoint_dir` option, else $PRUNETRACK_CHECKPOINT_DIR, else
 ~/.cache/prunetrack/checkpoints). It holds `state.pt`, written atomically (a temporary
 file renamed over the old one, so a kill during the write leaves the previous epoch's
@@ -10,7 +11,8 @@ a second process running the same configuration is refused rather than interleav
 its epochs, and the kernel releases the lock when the holder dies, even by SIGKILL.
 
 The folder is deleted when the job's run ends FINISHED; a failed or interrupted job
-keeps it, and running the same configuration again picks it up.
+keeps it, and running the same configuration again picks it up. `prunetrack sweep
+--dry-run` names the folders that no cell of its spec would pick up.
 """
 from __future__ import annotations
 
@@ -173,18 +175,21 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def disk_usage(checkpoint_dir: str = "") -> tuple[int, int]:
-    """(number of saved states, bytes) under the checkpoint root."""
+def pretrain_key(pretrain_hash: str) -> str:
+    """The folder of a shared pre-training's checkpoint, apart from the prune jobs' (config_hash)."""
+    return f"pretrain-{pretrain_hash}"
+
+
+def saved(checkpoint_dir: str = "") -> dict[str, tuple[int, dict[str, Any] | None]]:
+    """Every saved state under the checkpoint root: its key, its size in bytes and where
+    it stands (`peek`)."""
     top = root(checkpoint_dir)
-    count = size = 0
-    if not os.path.isdir(top):
-        return 0, 0
-    for key in os.listdir(top):
+    out = {}
+    for key in sorted(os.listdir(top)) if os.path.isdir(top) else []:
         path = os.path.join(top, key, "state.pt")
         if os.path.isfile(path):
-            count += 1
-            size += os.path.getsize(path)
-    return count, size
+            out[key] = (os.path.getsize(path), peek(checkpoint_dir, key))
+    return out
 
 
 def peek(checkpoint_dir: str, key: str) -> dict[str, Any] | None:

@@ -17,6 +17,7 @@ import torch
 
 from prunetrack import masking, measure, models, pruning, tracking, training
 from prunetrack.config import JobConfig, resolved_iterations
+from prunetrack.progress import plural
 
 # Training / test examples of each dataset (the probe does not load the data).
 SIZES = {"cifar10": (50_000, 10_000), "cifar100": (50_000, 10_000), "synthetic": (1_000, 200)}
@@ -94,7 +95,7 @@ def measured(cfg: JobConfig, records: list[dict], device: str, precision: str) -
             rounds.setdefault(r["tags"]["pruner"], []).append(r["metrics"]["pruning_time"] / int(iterations))
     rates = Rates(n_train / statistics.median(epochs), statistics.median(tested),
                   {p: statistics.median(v) for p, v in rounds.items()})
-    return rates, f"the median of {len(epochs)} epochs of {len(runs)} finished runs on this kind of device"
+    return rates, f"the median of {plural(len(epochs), 'epoch')} of {plural(len(runs), 'finished run')} on this kind of device"
 
 
 def probe_key(cfg: JobConfig) -> tuple:

@@ -35,7 +35,7 @@ def obtain(cfg: JobConfig, device: torch.device) -> str:
         print(f"pre-training: starting from run {found} ({cfg.train.pre_epochs} epochs at most, "
               f"done before)", flush=True)
         return found
-    with checkpoint.Checkpoint(cfg.run.checkpoint_dir, f"pretrain-{key}", wait=True) as ckpt:
+    with checkpoint.Checkpoint(cfg.run.checkpoint_dir, checkpoint.pretrain_key(key), wait=True) as ckpt:
         found = tracking.find_pretrain(experiment, key)  # finished while we waited
         if found:
             print(f"pre-training: starting from run {found}, finished by another job", flush=True)

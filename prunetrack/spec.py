@@ -47,6 +47,13 @@ class Cell:
     kind: str = "prune"             # or "pretrain": the shared pre-training some cells start from
     shared_with: str | None = None  # the key of the cell that computes this one (the dense cell at 1x)
 
+    @property
+    def checkpoint_key(self) -> str:
+        """Its folder under the checkpoint root, as the job that runs it names it."""
+        from prunetrack.checkpoint import pretrain_key  # torch, which a spec's reader does not need
+
+        return pretrain_key(self.config_hash) if self.kind == "pretrain" else self.config_hash
+
 
 @dataclass
 class Spec:

@@ -20,7 +20,7 @@ import yaml
 
 from prunetrack import interrupts, servers, store, tracking
 from prunetrack.executors import EXECUTORS, Result, cell_env, run_local, run_ray
-from prunetrack.progress import clock
+from prunetrack.progress import clock, plural
 from prunetrack.spec import Cell, Spec
 
 
@@ -48,7 +48,7 @@ class Summary:
 
     def line(self) -> str:
         shared = len(self.having("shared"))
-        return (f"sweep {self.name}: {len(self.results)} cells: {len(self.having('finished'))} finished, "
+        return (f"sweep {self.name}: {plural(len(self.results), 'cell')}: {len(self.having('finished'))} finished, "
                 f"{len(self.having('skipped'))} skipped (already finished), {len(self.failed)} failed"
                 + (f", {shared} computed by another cell" if shared else "") + f" in {clock(self.seconds)}")
 
@@ -80,7 +80,7 @@ def run_sweep(spec: Spec, parallel: int = 1, executor: str = "local", ray_addres
     todo = [c for c in plan if c.config_hash not in done]
     skipped = [Result(c, "skipped", run_id=done[c.config_hash]) for c in plan if c.config_hash in done]
     shared = [Result(c, "shared") for c in spec.cells if c.shared_with]
-    echo(f"sweep {spec.name}: {len(spec.cells)} cells in experiment {experiment!r}: {len(skipped)} already "
+    echo(f"sweep {spec.name}: {plural(len(spec.cells), 'cell')} in experiment {experiment!r}: {len(skipped)} already "
          f"finished, {len(shared)} computed by another cell, {len(todo)} to run ({executor}"
          + (f", {parallel} at a time)" if executor == "local" else ")"))
     if dry_run:
@@ -148,8 +148,7 @@ def cell_states(plan: list[Cell], done: dict[str, str], estimator) -> list[tuple
         if c.config_hash in done:
             out.append((c, f"finished (run {done[c.config_hash][:8]})", 0.0))
             continue
-        ck_key = f"pretrain-{c.config_hash}" if c.kind == "pretrain" else c.config_hash
-        saved = checkpoint.peek(cfg.run.checkpoint_dir, ck_key)
+        saved = checkpoint.peek(cfg.run.checkpoint_dir, c.checkpoint_key)
         epochs = cfg.train.pre_epochs if c.kind == "pretrain" else cfg.train.post_epochs
         if saved:
             state = f"partial: epoch {saved['epoch']} of {epochs}"
@@ -178,8 +177,19 @@ def dry_run_table(spec: Spec, plan: list[Cell], done: dict[str, str], parallel: 
     total = sum(left or 0.0 for _, _, left in states)
     for line in estimator.sources():
         echo("  " + line)
-    count, size = checkpoint.disk_usage(plan[0].config.run.checkpoint_dir if plan else "")
-    echo(f"  checkpoints: {count} saved, {size / 2**20:,.0f} MiB in {checkpoint.root(plan[0].config.run.checkpoint_dir if plan else '')}")
+    checkpoint_dir = plan[0].config.run.checkpoint_dir if plan else ""
+    saved = checkpoint.saved(checkpoint_dir)
+    echo(f"  checkpoints: {len(saved)} saved, {sum(size for size, _ in saved.values()) / 2**20:,.0f} MiB in "
+         f"{checkpoint.root(checkpoint_dir)}")
+    # A folder no cell of this spec would resume from: another spec's cell sharing the root, or a
+    # cell whose configuration changed since; it stays on disk until someone deletes it.
+    ours = {c.checkpoint_key for c in plan}
+    for key, (size, where) in saved.items():
+        if key not in ours:
+            at = (f"run {str(where.get('run_id'))[:8]}, {where.get('phase')} epoch {where.get('epoch')}"
+                  f"/{where.get('epochs')}, " if where else "")
+            echo(f"    {key} ({at}{size / 2**20:,.0f} MiB) is no cell of this spec: another spec's, or one whose "
+                 "configuration has changed; delete its folder once its run is abandoned")
     pretrains = [c for c in plan if c.kind == "pretrain" and c.config_hash not in done]
     expected = [estimator.pretrain_epochs(c.config) for c in pretrains]
     note = ""

@@ -128,6 +128,33 @@ def test_shipped_smoke_spec_plans_its_grid(tmp_path, mlflow_store):
     assert runs("prunetrack-smoke") == []  # a dry run creates nothing
 
 
+def test_dry_run_shows_partial_cells_and_checkpoints_no_cell_resumes(tmp_path, mlflow_store):
+    """The dry run reads each cell's checkpoint (partial at epoch k of n) and names the saved
+    states under the same root that no cell of the spec would resume from, so that a user
+    can see what holds the disk."""
+    from prunetrack import checkpoint
+
+    spec = specs.load_spec(write_spec(tmp_path, {"compression": [2, 10]}, base={"post_epochs": 3}))
+
+    def save(key: str, progress: dict, size: int) -> None:
+        folder = os.path.join(checkpoint.root(), key)
+        os.makedirs(folder)
+        with open(os.path.join(folder, "state.pt"), "wb") as f:
+            f.write(b"\0" * size)
+        with open(os.path.join(folder, checkpoint.PROGRESS), "w") as f:
+            json.dump(progress, f)
+
+    save(spec.cells[1].config_hash, {"phase": "train", "epoch": 1, "epochs": 3, "run_id": "a" * 32}, 2**20)
+    save("0123456789abcdef", {"phase": "train", "epoch": 2, "epochs": 10, "run_id": "b" * 32}, 3 * 2**20)
+    lines: list[str] = []
+    sweep.run_sweep(spec, dry_run=True, echo=lines.append)
+    text = "\n".join(lines)
+    assert re.search(r"compression=10 .* partial: epoch 1 of 3", text), text
+    assert "checkpoints: 2 saved, 4 MiB" in text
+    stray = [line for line in lines if "no cell of this spec" in line]
+    assert len(stray) == 1 and "0123456789abcdef (run bbbbbbbb, train epoch 2/10, 3 MiB)" in stray[0], text
+
+
 def test_estimates_use_the_epochs_of_runs_of_the_same_training_on_the_same_device():
     from prunetrack import estimate
     from prunetrack.config import JobConfig
@@ -228,7 +255,7 @@ def test_killed_sweep_resumes_only_missing_cells(tmp_path, mlflow_store):
     plan: list[str] = []
     sweep.run_sweep(specs.load_spec(path), dry_run=True, echo=plan.append)
     assert not any("probing" in line for line in plan), plan
-    assert any("epochs of 1 finished runs on this kind of device" in line for line in plan), plan
+    assert any("of 1 finished run on this kind of device" in line for line in plan), plan
 
     lines: list[str] = []
     summary = sweep.run_sweep(specs.load_spec(path), echo=lines.append)
