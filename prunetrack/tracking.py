@@ -170,15 +170,22 @@ def logged_steps(run_id: str, key: str) -> set[int]:
 
 
 def find_pretrain(experiment: str, pretrain_hash: str) -> str | None:
-    """The id of a FINISHED pre-training run with this hash in `experiment`, if any."""
+    """The id of the first FINISHED pre-training run with this hash in `experiment` whose
+    weights are in this store, if any. A pre-training imported from an export finished
+    elsewhere, but its weights did not travel (exports carry no weights): it does not count."""
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return None
     runs = client.search_runs([exp.experiment_id], f"attributes.status = 'FINISHED' and "
-                              f"tags.pretrain_hash = '{pretrain_hash}'", max_results=1,
+                              f"tags.pretrain_hash = '{pretrain_hash}'", max_results=100,
                               order_by=["attributes.start_time ASC"])
-    return runs[0].info.run_id if runs else None
+    return next((r.info.run_id for r in runs if has_weights(r.info.run_id)), None)
+
+
+def has_weights(run_id: str, name: str = "weights.pt") -> bool:
+    """Whether the run logged weights (`log_weights`) that this store holds."""
+    return any(f.path == name for f in mlflow.MlflowClient().list_artifacts(run_id))
 
 
 def log_weights(state: dict[str, torch.Tensor], name: str = "weights.pt") -> None:
@@ -371,10 +378,12 @@ def experiment_of_run(run_id: str) -> str:
 
 def finished_configs(experiment: str) -> dict[str, str]:
     """{config_hash (pretrain_hash for a pre-training): run_id} of the FINISHED runs in
-    `experiment` (none if it does not exist)."""
+    `experiment` (none if it does not exist); pre-trainings count only with their weights."""
     found = {}
     for run in _finished_runs(experiment):
         key = run.data.tags.get("config_hash") or run.data.tags.get("pretrain_hash")
+        if run.data.tags.get("pretrain_hash") and not has_weights(run.info.run_id):
+            continue  # imported: finished elsewhere, its weights are not here to start from
         if key:
             found.setdefault(key, run.info.run_id)
     return found

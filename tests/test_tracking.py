@@ -10,6 +10,7 @@ import time
 
 import mlflow
 import pytest
+import torch
 import yaml
 
 from prunetrack import interrupts, servers, store, tracking
@@ -232,10 +233,27 @@ def test_finished_configs_maps_config_and_pretrain_hashes(mlflow_store):
 
     prune = run("FINISHED", config_hash="c1")
     pre = run("FINISHED", pretrain_hash="p1")
+    with mlflow.start_run(run_id=pre):
+        tracking.log_weights({"w": torch.ones(2)})
     run("FAILED", config_hash="c2")
     run("RUNNING", config_hash="c3")
     run("FINISHED")  # no hash: not a job's run (a sweep's parent)
     assert tracking.finished_configs("s") == {"c1": prune, "p1": pre}
+
+
+def test_a_pretraining_without_its_weights_is_not_one_to_start_from(mlflow_store):
+    """An imported pre-training finished elsewhere, but exports carry no weights: a
+    Magnitude job cannot start from it, so the sweep runs the pre-training again here."""
+    exp = client().create_experiment("s")
+    imported = client().create_run(exp, tags={"pretrain_hash": "p1"}).info.run_id
+    client().set_terminated(imported, "FINISHED")
+    assert tracking.finished_configs("s") == {}
+    assert tracking.find_pretrain("s", "p1") is None
+    here = client().create_run(exp, tags={"pretrain_hash": "p1"}).info.run_id
+    with mlflow.start_run(run_id=here):
+        tracking.log_weights({"w": torch.ones(2)})
+    assert tracking.finished_configs("s") == {"p1": here}
+    assert tracking.find_pretrain("s", "p1") == here
 
 
 def test_find_cell_run_by_tags(mlflow_store):
