@@ -35,7 +35,7 @@ from prunetrack import store, tracking
 
 FORMAT = "prunetrack-runs-v1"
 ARTIFACTS = ("config.yaml", "layers.json", "histograms.json", "score_summary.json")
-IMPORTED_FROM = "prunetrack.imported_from"
+IMPORTED_FROM = tracking.IMPORTED_FROM
 PARENT = "mlflow.parentRunId"
 # Logged-model records point into the original store; they are not carried over.
 DROPPED_TAGS = {"mlflow.log-model.history"}

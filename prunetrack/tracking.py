@@ -334,6 +334,8 @@ def import_run(experiment_id: str, record: dict, tags: dict[str, str]) -> str:
 # Runs that are not prune jobs carry this tag (the report's own run: "report"), so that
 # whatever reads prune runs back (the report, export) can skip them.
 KIND_TAG = "prunetrack.kind"
+# An imported run carries the id of the run it copies (`prunetrack import`).
+IMPORTED_FROM = "prunetrack.imported_from"
 
 
 # ---------------------------------------------------------------------------- sweeps

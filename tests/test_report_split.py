@@ -222,3 +222,35 @@ def test_controlled_timing_through_mlflow(pretrained_store):
                 "layer_density.png", "weight_histograms_snip.png", "weight_histograms_mag.png", "loss_curves.png",
                 "pretrain_curves.png"}
     assert {f for f in os.listdir(pretrained_store["folder"]) if f.endswith(".png")} == expected
+
+
+def test_an_imported_pretraining_is_trained_again_and_both_are_in_the_report(pretrained_store, tmp_path, new_store,
+                                                                              monkeypatch):
+    """Exports carry no weights: a Magnitude job in the store an export was imported into
+    pre-trains again; the report links the imported runs to the imported pre-training (by
+    its original id) and says whether the two pre-trainings repeat each other."""
+    from prunetrack import archive
+
+    first = pretrained_store["client"].get_run(pretrained_store["runs"][("mag", 10)].data.tags["pretrain_run"])
+    archive.export_runs("pre", str(tmp_path / "runs.jsonl"))
+    uri = new_store(tmp_path / "mlflow.db")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("PRUNETRACK_CHECKPOINT_DIR", str(tmp_path / "checkpoints"))
+    mlflow.set_tracking_uri(uri)
+    try:
+        archive.import_runs(str(tmp_path / "runs.jsonl"))
+        again = job("pre", pruner="mag", compression=5, pre_epochs=3, pre_patience=1)
+        client = MlflowClient()
+        second = client.get_run(client.get_run(again).data.tags["pretrain_run"])
+        assert second.info.run_id != first.info.run_id and archive.IMPORTED_FROM not in second.data.tags
+        opts = ReportOptions(experiment="pre", name="pre", output_dir=str(tmp_path / "reports"), models=["resnet20"],
+                             compressions=[1, 5, 10])
+        section = open(build_report(opts)).read().split("## Pre-training (Magnitude)", 1)[1].split("## Findings")[0]
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert "does not hold" not in section
+    assert "2 runs start from it" in section and "1 run starts from it" in section
+    assert f"Pre-trained twice: {second.info.run_name} ({second.info.run_id[:8]}) has every setting of" in section
+    assert "was imported from an export that carries no weights" in section
+    assert "They repeat each other exactly" in section or "They differ, by at most" in section

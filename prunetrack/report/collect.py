@@ -36,7 +36,7 @@ from prunetrack.report.records import (
     plural,
 )
 from prunetrack.store import public_uri
-from prunetrack.tracking import KIND_TAG, outcome
+from prunetrack.tracking import IMPORTED_FROM, KIND_TAG, outcome
 
 
 def load_runs(experiment_id: str) -> tuple[list[Run], Counter, dict[str, Pretrain]]:
@@ -48,8 +48,11 @@ def load_runs(experiment_id: str) -> tuple[list[Run], Counter, dict[str, Pretrai
         tags = r.data.tags
         if tags.get(KIND_TAG) == "pretrain":
             if r.info.status == "FINISHED":
-                pretrains[r.info.run_id] = Pretrain(r.info.run_id, r.info.run_name or r.info.run_id[:8],
-                                                    dict(r.data.params), dict(tags), dict(r.data.metrics))
+                pre = Pretrain(r.info.run_id, r.info.run_name or r.info.run_id[:8],
+                               dict(r.data.params), dict(tags), dict(r.data.metrics))
+                pretrains[r.info.run_id] = pre
+                if tags.get(IMPORTED_FROM):  # the runs that start from it name its original id
+                    pretrains.setdefault(tags[IMPORTED_FROM], pre)
             continue
         if tags.get(KIND_TAG) == "report" or not {"model", "pruner", "compression"} <= set(tags):
             continue
@@ -156,11 +159,16 @@ def link_pretrains(study: Study, pretrains: dict[str, Pretrain]) -> None:
         if r.model == study.main and r.pretrained:
             users.setdefault(r.tags["pretrain_run"], []).append(r)
     for run_id, rs in users.items():
-        if run_id in pretrains:
-            pretrains[run_id].users = rs
-            study.pretrains.append(pretrains[run_id])
-        else:
+        pre = pretrains.get(run_id)
+        if pre is None:
             study.pretrain_missing.append(run_id)
+            continue
+        if pre not in study.pretrains:  # named by its id here and by its original id
+            pre.users = []
+            study.pretrains.append(pre)
+        pre.users += rs
+    # Named runs in order; of two with one name (pre-trained again), the imported one first.
+    study.pretrains.sort(key=lambda p: (p.name, not p.tags.get(IMPORTED_FROM)))
 
 
 def missing_cells(s: Study) -> dict[tuple, set[str]]:

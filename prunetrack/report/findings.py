@@ -28,6 +28,7 @@ from prunetrack.report.records import (
     timing_passes,
     value_range,
 )
+from prunetrack.tracking import IMPORTED_FROM
 
 
 def findings(s: Study) -> list[str]:
@@ -381,14 +382,24 @@ def pretrain_sentence(pre: Pretrain, shared: bool) -> str:
     return text + "."
 
 
+def history_gap(a: Run | Pretrain, b: Run | Pretrain) -> dict[str, tuple[int, float]]:
+    """{curve: (epochs both logged, the largest difference at any of them)}."""
+    gap = {}
+    for k in CURVE_KEYS:
+        x, y = dict(a.histories.get(k, [])), dict(b.histories.get(k, []))
+        if common := x.keys() & y.keys():
+            gap[k] = (len(common), max(abs(x[e] - y[e]) for e in common))
+    return gap
+
+
+def gap_words(gap: dict[str, tuple[int, float]]) -> str:
+    return "by at most " + join_words([f"{v:.4g} in {k}" for k, (_, v) in gap.items() if v])
+
+
 def twin_sentence(pre: Pretrain, twin: Run) -> str:
     """Whether a dense run repeats the pre-training it shares every setting with: a check of
     determinism, and of resuming, when either was resumed from a checkpoint."""
-    gap = {}
-    for k in CURVE_KEYS:
-        a, b = dict(pre.histories.get(k, [])), dict(twin.histories.get(k, []))
-        if common := a.keys() & b.keys():
-            gap[k] = (len(common), max(abs(a[e] - b[e]) for e in common))
+    gap = history_gap(pre, twin)
     if not gap:
         return ""
     epochs = max(n for n, _ in gap.values())
@@ -401,17 +412,37 @@ def twin_sentence(pre: Pretrain, twin: Run) -> str:
         if resumed:
             text += f", and resuming from a checkpoint (last: {join_words(resumed)}) does not change it"
         return text + "."
-    return text + ("They differ, by at most " + join_words([f"{v:.4g} in {k}" for k, (_, v) in gap.items() if v]) +
-                   " (the largest gap over the epochs): the arithmetic is not bit-for-bit repeatable here, so "
+    return text + ("They differ, " + gap_words(gap) + " (the largest gap over the epochs): the arithmetic is not bit-for-bit repeatable here, so "
                    "differences of that size between runs are noise, not an effect of their settings.")
+
+
+def repeat_sentence(first: Pretrain, again: Pretrain) -> str:
+    """Two pre-trainings of the same settings: the first imported from an export, which
+    carries no weights, so the Magnitude runs made since trained it again to prune from.
+    The two sets of runs prune the same weights only if the two repeat each other."""
+    text = (f"Pre-trained twice: {again.label} has every setting of {first.label} (tag `pretrain_hash`), which "
+            f"{'was imported from an export that carries no weights' if first.tags.get(IMPORTED_FROM) else 'finished before it'}"
+            f", so the runs made since pre-trained again to have weights to prune. ")
+    gap = history_gap(first, again)
+    if not gap:
+        return text + "Their per-epoch curves were not both logged, so whether they repeat each other is unknown."
+    epochs = max(n for n, _ in gap.values())
+    if all(v == 0 for _, v in gap.values()):
+        return text + (f"They repeat each other exactly ({join_words(list(gap))} equal at all {epochs} epochs both "
+                       "logged), so the Magnitude runs of both prune the same weights.")
+    return text + (f"They differ, {gap_words(gap)} over {plural(epochs, 'epoch')}: the Magnitude runs of the two "
+                   "prune slightly different weights, and differences of that size between them are noise.")
 
 
 def pretrain_text(s: Study) -> list[str]:
     """The sentences of the pre-training section (its figure aside)."""
     M = model_label(s.main)
     out = []
+    seen: dict[str, Pretrain] = {}
     for pre in s.pretrains:
         out += [pretrain_sentence(pre, len(s.pretrains) == 1), ""]
+        if (first := seen.setdefault(pre.tags.get("pretrain_hash", pre.id), pre)) is not pre:
+            out += [repeat_sentence(first, pre), ""]
         out += [x for twin in s.twins(pre) if (line := twin_sentence(pre, twin)) for x in (line, "")]
     if s.pretrain_missing:
         ids = ", ".join(f"`{i}`" for i in s.pretrain_missing)
