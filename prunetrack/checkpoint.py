@@ -31,7 +31,7 @@ from prunetrack import masking
 
 FORMAT = "prunetrack-checkpoint-v1"
 PROGRESS = "progress.json"
-PROGRESS_KEYS = ("phase", "epoch", "epochs", "run_id")
+PROGRESS_KEYS = ("phase", "epoch", "epochs", "run_id", "precision")
 ENV = "PRUNETRACK_CHECKPOINT_DIR"
 
 
@@ -45,6 +45,10 @@ def root(checkpoint_dir: str = "") -> str:
 
 class CheckpointBusy(RuntimeError):
     """Another live process holds this configuration's checkpoint."""
+
+
+class NotResumable(RuntimeError):
+    """A checkpoint that this machine cannot continue as it was begun (another precision)."""
 
 
 class Checkpoint:

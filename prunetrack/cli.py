@@ -52,14 +52,14 @@ def prune(**values):
     Example (a CPU smoke run in about a minute):
       prunetrack prune --dataset synthetic --model resnet20 --pruner mag --compression 10 --post-epochs 2
     """
-    from prunetrack.checkpoint import CheckpointBusy
+    from prunetrack.checkpoint import CheckpointBusy, NotResumable
     from prunetrack.job import run_job
     from prunetrack.store import TrackingError
 
     cfg, device = _prepared(values)
     try:
         run_job(cfg, device)
-    except (CheckpointBusy, TrackingError) as e:
+    except (CheckpointBusy, NotResumable, TrackingError) as e:
         raise click.ClickException(str(e)) from None
 
 
@@ -75,6 +75,7 @@ def pretrain(**values):
       prunetrack pretrain --model vgg16 --pre-epochs 200 --pre-patience 5
     """
     from prunetrack import pretrain as pretraining
+    from prunetrack.checkpoint import NotResumable
     from prunetrack.store import TrackingError
 
     cfg, device = _prepared(values)
@@ -82,7 +83,7 @@ def pretrain(**values):
         raise click.BadParameter("pre_epochs is 0: nothing to pre-train; pass --pre-epochs N")
     try:
         pretraining.obtain(cfg, device)
-    except TrackingError as e:
+    except (NotResumable, TrackingError) as e:
         raise click.ClickException(str(e)) from None
 
 
@@ -160,7 +161,10 @@ def report(experiment, name, output_dir, models, compressions, pruners, dataset)
 @click.option("--ray-address", default=None,
               help="Ray cluster to run on (default: RAY_ADDRESS, else a local Ray instance).")
 @click.option("--dry-run", is_flag=True, help="List the cells and which would be skipped; run nothing.")
-def sweep(spec, parallel, executor, ray_address, dry_run):
+@click.option("--allow-precision-change", is_flag=True,
+              help="Run the cells left even where this machine trains them in another precision than the "
+                   "finished cells (precision auto: bf16 where it is native, fp32 elsewhere).")
+def sweep(spec, parallel, executor, ray_address, dry_run, allow_precision_change):
     """Run a grid of prune jobs from a YAML SPEC, one MLflow child run per cell.
 
     Cells that already have a FINISHED run with the same configuration are skipped, so
@@ -180,8 +184,8 @@ def sweep(spec, parallel, executor, ray_address, dry_run):
         raise click.BadParameter(str(e), param_hint="SPEC") from None
     try:
         sweeps.run_sweep(loaded, parallel=parallel, executor=executor, ray_address=ray_address, dry_run=dry_run,
-                         echo=lambda line: click.echo(line))
-    except (sweeps.SweepFailed, TrackingError) as e:
+                         echo=lambda line: click.echo(line), allow_precision_change=allow_precision_change)
+    except (sweeps.SweepFailed, sweeps.PrecisionChange, TrackingError) as e:
         raise click.ClickException(str(e)) from None
 
 

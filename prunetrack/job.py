@@ -52,9 +52,15 @@ def resolve_device(name: str) -> torch.device:
 
 
 def device_name(device: torch.device) -> str:
+    """What the runs' `device` tag, the estimates and the timing passes call a device. On a
+    CPU: its model, the vector instructions torch uses and whether it has native bf16, since
+    CPUs of one architecture differ several-fold in speed (BENCHMARKS.md: 2 cores of an
+    AVX2-only EPYC train VGG16 in fp32 at a fifth of the rate of 2 cores with AVX-512)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    model = training.cpu_info().get("model name") or platform.processor() or platform.machine()
+    isa = torch.backends.cpu.get_cpu_capability() + (", native bf16" if training.native_bf16(device) else "")
+    return f"cpu ({model}, {isa}, {torch.get_num_threads()} threads)"
 
 
 def seed_everything(seed: int) -> None:
@@ -122,8 +128,11 @@ def train_phase(s: Setup, cfg: JobConfig, ckpt: checkpoint.Checkpoint, state: di
             if h["epoch"] not in logged:
                 tracking.log_metrics({k: v for k, v in h.items() if k != "epoch"}, h["epoch"])
 
+    precision = training.resolve_precision(t.precision, next(s.model.parameters()).device)
+
     def snapshot(epoch: int) -> dict:
-        return {"run_id": run_id, "phase": phase, "epoch": epoch, "epochs": epochs, "model": s.model.state_dict(),
+        return {"run_id": run_id, "phase": phase, "epoch": epoch, "epochs": epochs, "precision": precision,
+                "model": s.model.state_dict(),
                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "stream": s.stream.get_state(),
                 "rng": checkpoint.rng_state(), "history": history, "best": best, "extra": extra}
 
@@ -138,11 +147,7 @@ def train_phase(s: Setup, cfg: JobConfig, ckpt: checkpoint.Checkpoint, state: di
                     "model": {k: v.detach().clone() for k, v in s.model.state_dict().items()}}
         ckpt.save(snapshot(epoch))
         tracking.log_metrics(metrics, epoch)
-        if stopped(epoch):
-            print(f"{phase}: test loss has not improved for {patience} epochs since epoch {best['epoch']}; "
-                  f"stopping", flush=True)
-            return True
-        return False
+        return stopped(epoch)
 
     if state is None:  # epoch 0: what pruning produced, so a kill during epoch 1 does not prune again
         ckpt.save(snapshot(0))
@@ -150,14 +155,38 @@ def train_phase(s: Setup, cfg: JobConfig, ckpt: checkpoint.Checkpoint, state: di
     if not stopped(start):
         try:
             training.fit(s.net, s.train_batches, s.test_batches, epochs, opt, sched, on_epoch, label=phase,
-                         precision=t.precision, start_epoch=start)
+                         precision=t.precision, start_epoch=start,
+                         stop_by=(lambda: best["epoch"] + patience) if patience else None)
         except training.Diverged as e:  # the run ends FAILED (job_run); the tag and the loss show why
             tracking.log_tags({"diverged": e.epoch})
             tracking.log_metrics({"train_loss": e.loss}, e.epoch)
             raise
+    if stopped(history[-1]["epoch"] if history else 0):
+        print(f"{phase}: the test loss has not improved for {patience} epochs since epoch {best['epoch']}; "
+              "stopped", flush=True)
     if patience and best is not None:
         s.model.load_state_dict(best["model"])
     return history
+
+
+def load_checkpoint(ckpt: checkpoint.Checkpoint, cfg: JobConfig, device: torch.device) -> dict | None:
+    """The state to resume from (None: start afresh), refusing one begun in another
+    precision than `cfg`'s resolves to here: `auto` is bf16 on a machine with native bf16
+    and fp32 elsewhere, and a run trained partly in each, under one `precision` tag, would
+    be neither (NotResumable, before any run is reopened)."""
+    if not cfg.run.resume:
+        ckpt.clear()
+    state = ckpt.load()
+    here = training.resolve_precision(cfg.train.precision, device)
+    if state and state.get("precision", here) != here:
+        why = (" (bf16 is native only on CUDA and on CPUs with AMX or AVX512-BF16)"
+               if cfg.train.precision == "auto" else "")
+        raise checkpoint.NotResumable(
+            f"the checkpoint in {ckpt.folder} holds {state['phase']} epoch {state['epoch']}/{state['epochs']} "
+            f"trained in {state['precision']}, but here precision {cfg.train.precision!r} resolves to {here}{why}, "
+            f"and a run trained in two precisions would be neither: resume it on a machine where it resolves to "
+            f"{state['precision']}, or start it over in {here} with --resume false")
+    return state
 
 
 def prepare(cfg: JobConfig) -> torch.device:
@@ -191,9 +220,7 @@ def run_job(cfg: JobConfig, device: torch.device | None = None) -> str:
         init_from = pretrain.obtain(cfg, device)
 
     with checkpoint.Checkpoint(cfg.run.checkpoint_dir, cfg.config_hash()) as ckpt:
-        if not cfg.run.resume:
-            ckpt.clear()
-        state = ckpt.load()
+        state = load_checkpoint(ckpt, cfg, device)
         resume_id = tracking.resumable(state["run_id"]) if state else None
         # Fetched before the run exists, so that a wrong --init-from is refused without one
         # (resuming, the checkpoint holds the weights: nothing to fetch).

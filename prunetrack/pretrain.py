@@ -47,9 +47,7 @@ def run_pretrain(cfg: JobConfig, device: torch.device, experiment: str, ckpt: ch
     from prunetrack import job, training
 
     t = cfg.train
-    if not cfg.run.resume:
-        ckpt.clear()
-    state = ckpt.load()
+    state = job.load_checkpoint(ckpt, cfg, device)
     resume_id = tracking.resumable(state["run_id"]) if state else None
     name = f"{cfg.model.model}-pretrain-{t.pre_epochs}ep-s{cfg.run.seed}"
     # Under `mlflow run`, MLFLOW_RUN_ID names the job's run; the pre-training is another.

@@ -16,6 +16,12 @@ def plural(n, word: str) -> str:
     return f"{n} {word}{'' if str(n) in ('1', '1.0') else 's'}"
 
 
+def join_words(words: list[str]) -> str:
+    """ "a", "a and b", "a, b and c"."""
+    words = list(words)
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
 class Progress:
     """Prints a line at most every `every` seconds while long work runs: where it is,
     throughput (when told how many images were seen) and an estimate of the time left."""

@@ -13,6 +13,7 @@ import os
 import socket
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
@@ -20,7 +21,7 @@ import yaml
 
 from prunetrack import interrupts, servers, store, tracking
 from prunetrack.executors import EXECUTORS, Result, cell_env, run_local, run_ray
-from prunetrack.progress import clock, plural
+from prunetrack.progress import clock, join_words, plural
 from prunetrack.spec import Cell, Spec
 
 
@@ -53,14 +54,21 @@ class Summary:
                 + (f", {shared} computed by another cell" if shared else "") + f" in {clock(self.seconds)}")
 
 
+class PrecisionChange(RuntimeError):
+    """The cells left would train in another precision than the finished ones."""
+
+
 # ---------------------------------------------------------------------------- the sweep
 
 def run_sweep(spec: Spec, parallel: int = 1, executor: str = "local", ray_address: str | None = None,
-              dry_run: bool = False, echo: Callable[[str], None] | None = None) -> Summary:
+              dry_run: bool = False, echo: Callable[[str], None] | None = None,
+              allow_precision_change: bool = False) -> Summary:
     """Run the cells of `spec` that have no FINISHED run yet, under a parent run.
 
     Returns the summary; raises SweepFailed (after every other cell ran, and after closing
-    the parent run as FAILED) when some cell failed.
+    the parent run as FAILED) when some cell failed, and PrecisionChange (before any cell
+    runs) when this machine would train the cells left in another precision than the
+    finished ones, unless `allow_precision_change`.
     """
     echo = echo or (lambda line: print(line, flush=True))
     if executor not in EXECUTORS:
@@ -83,6 +91,12 @@ def run_sweep(spec: Spec, parallel: int = 1, executor: str = "local", ray_addres
     echo(f"sweep {spec.name}: {plural(len(spec.cells), 'cell')} in experiment {experiment!r}: {len(skipped)} already "
          f"finished, {len(shared)} computed by another cell, {len(todo)} to run ({executor}"
          + (f", {parallel} at a time)" if executor == "local" else ")"))
+    changed = precision_change(plan, done, todo)
+    if changed and not (dry_run or allow_precision_change):
+        raise PrecisionChange(changed + "; pass --allow-precision-change to train them anyway")
+    if changed:
+        echo("WARNING: " + changed + ("" if allow_precision_change else
+                                      "; the sweep will refuse to run them without --allow-precision-change"))
     if dry_run:
         dry_run_table(spec, plan, done, parallel if executor == "local" else 1, echo, experiment)
         return Summary(spec.name, skipped + shared + [Result(c, "planned") for c in todo], time.time() - start)
@@ -135,6 +149,33 @@ def run_sweep(spec: Spec, parallel: int = 1, executor: str = "local", ray_addres
         if summary.failed:
             raise SweepFailed(summary)
     return summary
+
+
+def precision_change(plan: list[Cell], done: dict[str, str], todo: list[Cell]) -> str | None:
+    """Why the cells of `todo` would train here in another precision than the finished cells
+    of `plan` did (their runs' `precision` tags), or None. `precision: auto` is bf16 where bf16
+    is native and fp32 elsewhere, so a study resumed on another machine would otherwise
+    change its arithmetic half-way without a word (BENCHMARKS.md: a bf16 cost of up to about
+    a point of accuracy is not ruled out)."""
+    from prunetrack import training
+    from prunetrack.job import resolve_device
+
+    trained = Counter(tracking.tag_values([done[c.config_hash] for c in plan if c.config_hash in done],
+                                          "precision").values())
+    if not trained or not todo:
+        return None
+    here: dict[str, list[Cell]] = {}
+    for c in todo:
+        resolved = training.resolve_precision(c.config.train.precision, resolve_device(c.config.run.device))
+        here.setdefault(resolved, []).append(c)
+    new = {p: cells for p, cells in here.items() if p not in trained}
+    if not new:
+        return None
+    before = join_words([f"{plural(n, 'finished cell')} in {p}" for p, n in trained.most_common()])
+    now = join_words([f"{plural(len(cells), 'cell')} left in {p}" for p, cells in new.items()])
+    auto = any(c.config.train.precision == "auto" for cells in new.values() for c in cells)
+    why = " (precision auto: bf16 is native only on CUDA and on CPUs with AMX or AVX512-BF16)" if auto else ""
+    return f"this machine would train the {now}{why}, where the sweep has {before}: a protocol change between cells"
 
 
 def cell_states(plan: list[Cell], done: dict[str, str], estimator) -> list[tuple[Cell, str, float | None]]:

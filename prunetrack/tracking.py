@@ -371,6 +371,13 @@ def speed_records(experiment: str) -> list[dict]:
     return out
 
 
+def tag_values(run_ids, key: str) -> dict[str, str]:
+    """{run_id: the value of its tag `key`} of those of `run_ids` that have it."""
+    client = mlflow.MlflowClient()
+    tags = {run_id: client.get_run(run_id).data.tags.get(key) for run_id in run_ids}
+    return {run_id: value for run_id, value in tags.items() if value is not None}
+
+
 def experiment_of_run(run_id: str) -> str:
     """The experiment name of an existing run (a sweep under `mlflow run` puts its cells
     where mlflow put the sweep's own run)."""

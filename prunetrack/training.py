@@ -36,15 +36,24 @@ NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
 @functools.lru_cache(maxsize=None)
-def cpu_flags() -> frozenset[str]:
+def cpu_info() -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo (`model name`, `flags`, ...); empty
+    where there is no such file (not Linux)."""
+    info = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
+                if not line.strip():  # the first processor's block ends here
+                    break
+                key, _, value = line.partition(":")
+                info[key.strip()] = value.strip()
     except OSError:
         pass
-    return frozenset()
+    return info
+
+
+def cpu_flags() -> frozenset[str]:
+    return frozenset(cpu_info().get("flags", "").split())
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -155,10 +164,12 @@ class Diverged(FloatingPointError):
 
 def fit(model: nn.Module, train_batches, test_batches, epochs: int, opt, sched,
         on_epoch: Callable[[int, dict], bool | None], label: str = "train", precision: str = "fp32",
-        start_epoch: int = 0) -> int:
+        start_epoch: int = 0, stop_by: Callable[[], int] | None = None) -> int:
     """Train epochs start_epoch+1 .. `epochs`, evaluating after each; `on_epoch(epoch,
     metrics)` checkpoints and logs, and may return True to stop early. Returns the last
-    epoch run. Each epoch's line ends with an estimate of the time left in the phase.
+    epoch run. Each epoch's line ends with an estimate of the time left in the phase;
+    with `stop_by` (the epoch by which an early stop ends the phase unless the test loss
+    improves again, read after on_epoch), with both that and the time to `epochs`.
     Raises Diverged when an epoch's training loss is nan or inf."""
     spent, done, epoch = 0.0, 0, start_epoch
     for epoch in range(start_epoch + 1, epochs + 1):
@@ -173,10 +184,19 @@ def fit(model: nn.Module, train_batches, test_batches, epochs: int, opt, sched,
         spent, done = spent + time.perf_counter() - start, done + 1
         metrics = {"train_loss": train_loss, "test_loss": ev["loss"], "test_top1": ev["top1"],
                    "test_top5": ev["top5"], "epoch_time": seconds}
-        left = spent / done * (epochs - epoch)
+        stop = on_epoch(epoch, metrics)
+        per_epoch = spent / done
+        if stop:
+            left = "stopping early"
+        elif stop_by is not None and stop_by() < epochs:
+            # A patience stop: the phase's length is not known in advance, only its bounds.
+            by = stop_by()
+            left = (f"~{clock(per_epoch * (by - epoch))} left in {label} if the test loss does not improve by "
+                    f"epoch {by}, at most ~{clock(per_epoch * (epochs - epoch))}")
+        else:
+            left = f"~{clock(per_epoch * (epochs - epoch))} left in {label}"
         print(f"{label} epoch {epoch}/{epochs}: train loss {train_loss:.4f}, test loss {ev['loss']:.4f}, "
-              f"top-1 {ev['top1']:.2f}%, top-5 {ev['top5']:.2f}% ({seconds:.1f}s; ~{clock(left)} left in "
-              f"{label})", flush=True)
-        if on_epoch(epoch, metrics):
+              f"top-1 {ev['top1']:.2f}%, top-5 {ev['top5']:.2f}% ({seconds:.1f}s; {left})", flush=True)
+        if stop:
             break
     return epoch

@@ -5,6 +5,8 @@
 # so editing the checkout while the study runs cannot change a cell half-way.
 #
 #   bash scripts/study.sh start    # import the committed export, then start (or resume) the sweep in the background
+#                                  # (--allow-precision-change: also where this machine would train the cells
+#                                  # left in another precision than the finished ones; the sweep refuses otherwise)
 #   bash scripts/study.sh status   # every cell's state and the time left (sweep --dry-run), and the log's tail
 #   bash scripts/study.sh stop     # stop the sweep once the cell in training saved its next checkpoint
 #   bash scripts/study.sh finish   # stop, time the cells finished since the last pass, export them, regenerate the report
@@ -63,10 +65,22 @@ case "${1:-}" in
       if [ -f "$REPO/data/cifar-10-batches-py/test_batch" ]; then cp -r "$REPO/data" data
       else "$PY" "$REPO/../shared/data/cifar10_jpeg.py" materialize data; fi
     fi
+    case "${2:-}" in
+      ""|--allow-precision-change) ;;
+      *) echo "study.sh: unknown option '$2' (accepted: --allow-precision-change)" >&2; exit 2 ;;
+    esac
     if [ -f "$EXPORT" ]; then prunetrack import "$EXPORT"; fi
-    PYTHONPATH=$STUDY/code nohup setsid "$PY" -m prunetrack sweep "code/$SPEC" >> sweep.log 2>&1 &
+    PYTHONPATH=$STUDY/code nohup setsid "$PY" -m prunetrack sweep "code/$SPEC" ${2:-} >> sweep.log 2>&1 &
     echo $! > sweep.pid
-    echo "sweep started (pid $!), code at $(git -C code rev-parse --short HEAD); log: $STUDY/sweep.log"
+    # What the sweep refuses (a precision change, an unreachable store), it refuses within
+    # seconds of starting: watch it that long, so that a refusal is not reported as a start.
+    for _ in $(seq 60); do running || break; sleep 1; done
+    if ! running; then
+      echo "the sweep stopped at once; the end of $STUDY/sweep.log:" >&2
+      tail -n 3 sweep.log >&2
+      exit 1
+    fi
+    echo "sweep started (pid $(cat sweep.pid)), code at $(git -C code rev-parse --short HEAD); log: $STUDY/sweep.log"
     ;;
   status)
     prunetrack sweep "code/$SPEC" --dry-run
@@ -90,7 +104,7 @@ case "${1:-}" in
     prunetrack time --experiment "$EXPERIMENT"
     ;;
   *)
-    sed -n '2,17p' "$REPO/scripts/study.sh"
+    sed -n '2,19p' "$REPO/scripts/study.sh"
     exit 2
     ;;
 esac

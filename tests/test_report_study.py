@@ -323,6 +323,12 @@ def test_runs_from_other_commits_are_listed_but_not_flagged_as_another_protocol(
     assert ("The runs were made by more than one software version (Git commit): listed, not flagged, since a "
             "version is not a protocol setting; every protocol setting above agrees; `git log` between the commits "
             "shows what changed.") in text
+    # A study resumed on another machine: the device is listed too, and not flagged either.
+    runs[1].tags["device"] = "cpu (Some CPU 7000, AVX2, 2 threads)"
+    text = render.render(study(runs), str(tmp_path)).split("## Settings", 1)[1].split("## Tables", 1)[0]
+    assert "- **Device**: differs between runs: " in text and "⚠" not in text.replace("⚠ below marks", "")
+    assert ("The runs were made by more than one software version (Git commit) and on more than one device: listed, "
+            "not flagged, since neither is a protocol setting; every protocol setting above agrees;") in text
     # A protocol setting that differs is still flagged, beside the versions.
     runs[1].params["lr"] = "0.01"
     text = render.render(study(runs), str(tmp_path)).split("## Settings", 1)[1].split("## Tables", 1)[0]

@@ -86,7 +86,8 @@ def test_interrupted_job_resumes_in_the_same_run_with_the_same_weights(mlflow_st
     assert not os.path.exists(os.path.join(checkpoint.root(), job.resolve(_job(**cfg)).config_hash()))
 
 
-def test_resume_false_starts_over(mlflow_store, monkeypatch):
+def _interrupted_after_epoch_1(cfg: JobConfig, monkeypatch) -> None:
+    """Run `cfg` until its first epoch is checkpointed and logged, then Ctrl-C."""
     real_fit = job.training.fit
 
     def one_epoch_then_interrupt(*args, **kwargs):
@@ -99,12 +100,37 @@ def test_resume_false_starts_over(mlflow_store, monkeypatch):
 
     monkeypatch.setattr(job.training, "fit", one_epoch_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
-        run_job(_job(post_epochs=2))
+        run_job(cfg)
     monkeypatch.setattr(job.training, "fit", real_fit)
+
+
+def test_resume_false_starts_over(mlflow_store, monkeypatch):
+    _interrupted_after_epoch_1(_job(post_epochs=2), monkeypatch)
     first = mlflow.search_runs(search_all_experiments=True, output_format="list")[0]
     again = run_job(_job(post_epochs=2, resume=False))
     assert again != first.info.run_id and _steps(again) == [1, 2]
     assert mlflow.MlflowClient().get_run(first.info.run_id).info.status == "KILLED"
+
+
+def test_a_checkpoint_begun_in_another_precision_is_not_continued(mlflow_store, monkeypatch):
+    """`precision auto` resolves per machine: a checkpoint moved to a machine where it resolves
+    otherwise is refused, before any run is reopened, rather than finished in a second precision."""
+    _interrupted_after_epoch_1(_job(post_epochs=2, precision="auto"), monkeypatch)
+    cfg = job.resolve(_job(post_epochs=2, precision="auto"))
+    here = job.training.resolve_precision("auto", torch.device("cpu"))
+    other = "fp32" if here == "bf16" else "bf16"
+    with checkpoint.Checkpoint("", cfg.config_hash()) as ckpt:
+        state = ckpt.load()
+        assert state["precision"] == here and state["epoch"] == 1
+        ckpt.save({**state, "precision": other})  # as if begun on a machine where auto resolved otherwise
+
+    with pytest.raises(checkpoint.NotResumable) as e:
+        run_job(_job(post_epochs=2, precision="auto"))
+    assert (f"holds train epoch 1/2 trained in {other}, but here precision 'auto' resolves to {here} (bf16 is "
+            "native only on CUDA and on CPUs with AMX or AVX512-BF16)") in str(e.value)
+    assert "or start it over in" in str(e.value) and "--resume false" in str(e.value)
+    [run] = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert run.info.status == "KILLED" and run.data.tags["precision"] == here  # left as it was
 
 
 def test_a_configuration_runs_in_one_process_at_a_time(mlflow_store):

@@ -587,3 +587,43 @@ def test_magnitude_cells_of_a_sweep_share_one_pretraining(tmp_path, mlflow_store
     assert len(cells) == 2 and {r.data.tags["pretrain_run"] for r in cells} == {pre[0].info.run_id}
     # Scheduled before the cells that start from it.
     assert pre[0].info.start_time < min(r.info.start_time for r in cells)
+
+
+def test_a_sweep_refuses_to_train_the_cells_left_in_another_precision(mlflow_store, tmp_path):
+    """precision auto is bf16 where bf16 is native and fp32 elsewhere: a study resumed on
+    another machine must not change its arithmetic half-way without being told to."""
+    import torch
+
+    from prunetrack import training
+
+    here = training.resolve_precision("auto", torch.device("cpu"))
+    other = "fp32" if here == "bf16" else "bf16"
+    path = write_spec(tmp_path, [{"pruner": ["rand"], "compression": [2, 5, 10]}])
+    cells = specs.load_spec(path).cells
+    mlflow.set_experiment("sweeps")
+    with mlflow.start_run(run_name=cells[0].name,
+                          tags={"config_hash": cells[0].config_hash, "precision": other}):
+        pass  # the first cell, finished on a machine where auto resolved to the other precision
+
+    result = CliRunner().invoke(cli.cli, ["sweep", path])
+    assert result.exit_code == 1, result.output
+    message = " ".join(result.output.split())
+    assert (f"this machine would train the 2 cells left in {here} (precision auto: bf16 is native only on CUDA "
+            f"and on CPUs with AMX or AVX512-BF16), where the sweep has 1 finished cell in {other}") in message
+    assert "pass --allow-precision-change" in message
+    assert len(runs()) == 1  # refused before the sweep's run or any cell's
+
+    lines = []
+    sweep.run_sweep(specs.load_spec(path), dry_run=True, echo=lines.append)
+    assert any(line.startswith("WARNING: this machine would train the 2 cells left") and
+               "will refuse to run them without --allow-precision-change" in line for line in lines), lines
+    # Allowed, the sweep only says so; with the finished cell in this machine's precision, nothing.
+    def warnings(**options):
+        lines = []
+        sweep.run_sweep(specs.load_spec(path), dry_run=True, echo=lines.append, **options)
+        return [line for line in lines if line.startswith("WARNING")]
+
+    allowed = warnings(allow_precision_change=True)
+    assert len(allowed) == 1 and "will refuse" not in allowed[0], allowed
+    mlflow.MlflowClient().set_tag(runs()[0].info.run_id, "precision", here)
+    assert warnings() == []

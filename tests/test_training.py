@@ -74,3 +74,31 @@ def test_compiled_model_trains_like_the_eager_one():
     x, y = torch.randn(16, 3, 2, 2), torch.randint(0, 4, (16,))
     eager_loss = torch.nn.functional.cross_entropy(model(x), y)
     assert torch.allclose(torch.nn.functional.cross_entropy(compiled(x), y), eager_loss, atol=1e-5)
+
+
+def test_an_epoch_line_bounds_the_time_left_of_a_phase_that_may_stop_early(capsys):
+    """With a patience stop, the phase ends at the latest at its epoch cap and at the earliest
+    when the patience runs out: the line gives both, not only the cap (200 epochs: a day)."""
+    torch.manual_seed(0)
+    model = masking.add_masks(nn.Sequential(nn.Flatten(), nn.Linear(12, 4)))
+    opt, sched = training.make_optimizer("adam", model, 1e-3, 0.0, [], 0.1)
+    batches = [(torch.randn(8, 3, 2, 2), torch.randint(0, 4, (8,)))]
+    last = training.fit(model, batches, batches, 200, opt, sched, lambda epoch, metrics: epoch == 3,
+                        stop_by=lambda: 6)
+    lines = capsys.readouterr().out.splitlines()
+    assert last == 3 and len(lines) == 3
+    assert lines[0].startswith("train epoch 1/200: ")
+    assert "left in train if the test loss does not improve by epoch 6, at most ~" in lines[0]
+    assert lines[2].endswith("; stopping early)")
+    training.fit(model, batches, batches, 5, opt, sched, lambda epoch, metrics: False, stop_by=lambda: 9, start_epoch=4)
+    assert capsys.readouterr().out.strip().endswith("left in train)")  # the cap comes first: one bound
+
+
+def test_device_name_tells_cpus_of_one_architecture_apart(monkeypatch):
+    from prunetrack.job import device_name
+
+    cpu, threads, isa = torch.device("cpu"), torch.get_num_threads(), torch.backends.cpu.get_cpu_capability()
+    monkeypatch.setattr(training, "cpu_info", lambda: {"model name": "Some CPU 7000", "flags": "avx2 avx512_bf16"})
+    assert device_name(cpu) == f"cpu (Some CPU 7000, {isa}, native bf16, {threads} threads)"
+    monkeypatch.setattr(training, "cpu_info", lambda: {"model name": "Some CPU 7000", "flags": "avx2"})
+    assert device_name(cpu) == f"cpu (Some CPU 7000, {isa}, {threads} threads)"

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from prunetrack import config
-from prunetrack.progress import plural  # noqa: F401  (the report modules take it from here)
+from prunetrack.progress import join_words, plural  # noqa: F401  (the report modules take them from here)
 
 # The study's rows: a VGG16 and ResNet50. The VGG16 is the variant the runs used (with or
 # without BatchNorm; both if both ran); with none, the default model, with BatchNorm.
@@ -192,11 +192,6 @@ def value_range(values, fmt) -> str:
     """'lo-hi' of `values` as `fmt` writes them, or one value where both ends read the same."""
     lo, hi = fmt(min(values)), fmt(max(values))
     return lo if lo == hi else f"{lo}-{hi}"
-
-
-def join_words(words: list[str]) -> str:
-    words = list(words)
-    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
 
 
 @dataclass

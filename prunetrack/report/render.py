@@ -44,9 +44,11 @@ SETTINGS = [
     ("git_commit", "Git commit"),
 ]
 PRETRAIN_SETTINGS = ("pre_epochs", "pre_patience")
-# What ran the protocol, not the protocol: runs of a study resumed over weeks differ here
-# without being different experiments, so these are listed but not flagged as a protocol change.
-PROVENANCE = ("torch_version", "mlflow_version", "prunetrack_version", "git_commit")
+# What ran the protocol, not the protocol: runs of a study resumed over weeks, on whatever
+# machine each sitting had, differ here without being different experiments, so these are
+# listed but not flagged as a protocol change. (Precision, which a machine decides under
+# `auto`, changes the arithmetic: it stays a setting.)
+PROVENANCE = ("device", "torch_version", "mlflow_version", "prunetrack_version", "git_commit")
 
 
 def protocol(s: Study) -> str:
@@ -122,8 +124,12 @@ def settings_section(s: Study) -> list[str]:
     if versions:
         agree = "every protocol setting above agrees" if not flagged else "the ⚠ settings aside, the protocol agrees"
         git = "; `git log` between the commits shows what changed" if "Git commit" in versions else ""
-        lines += [f"The runs were made by more than one software version ({join_words(versions)}): listed, not "
-                  f"flagged, since a version is not a protocol setting; {agree}{git}.", ""]
+        software = [title for title in versions if title != "Device"]
+        made = ([f"by more than one software version ({join_words(software)})"] if software else []) + \
+            (["on more than one device"] if "Device" in versions else [])
+        which = {1: "a version is not" if software else "a device is not"}.get(len(made), "neither is")
+        lines += [f"The runs were made {join_words(made)}: listed, not flagged, since {which} a protocol setting; "
+                  f"{agree}{git}.", ""]
     for why, rs in s.excluded.items():
         lines.append(f"- Not in the tables: {plural(len(rs), 'run')} with {why}: " + ", ".join(r.label for r in rs[:6])
                      + (" …" if len(rs) > 6 else ""))
