@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import resource
 import statistics
 import time
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 from torch.nn.utils import prune as tprune
 
 from prunetrack import data, masking, measure, models, pruning, training
+from prunetrack.job import device_name
 
 
 def peak_memory_mb(device) -> float:
@@ -151,22 +151,23 @@ def eval_step_fn(model, precision, device):
     return step
 
 
-def gemm_peak(device, dtype, repeats: int = 5) -> dict[str, float]:
+def gemm_peak(device, dtype, repeats: int = 5, scale: int = 1) -> dict[str, float]:
     """GFLOP/s of large GEMM-shaped work in `dtype`: a 4096x4096 matrix product, and the same
     work as a 1x1 convolution (oneDNN's kernels on CPU, which the models' convolutions use;
     torch's fp32 matmul goes through another library that can be slower on some CPUs). Their
     maximum is the practical peak that training throughput is compared with. Unlike a 3x3
     convolution, neither can take an algorithmic shortcut (Winograd) that does fewer
-    multiplications than the FLOP count says."""
+    multiplications than the FLOP count says. `scale` divides the work's sides (for
+    arithmetic so slow that the full size would take many minutes: emulated bf16)."""
     def best(fn, flops):  # one warm-up, then the fastest of `repeats` synchronized runs
         return flops / min(measure.time_repeats(fn, repeats=repeats, warmup=1, device=device).times) / 1e9
 
-    n = 4096
+    n = 4096 // scale
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
-    x = torch.randn(64, 1024, 16, 16, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(64 // scale**2, 1024, 16, 16, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
     w = torch.randn(1024, 1024, 1, 1, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
     return {"matmul": best(lambda: a @ b, 2 * n**3),
-            "conv1x1": best(lambda: F.conv2d(x, w), 2 * 64 * 16 * 16 * 1024 * 1024)}
+            "conv1x1": best(lambda: F.conv2d(x, w), 2 * x.shape[0] * 16 * 16 * 1024 * 1024)}
 
 
 def table(title: str, header: list[str], rows: list[list]) -> None:
@@ -195,6 +196,9 @@ def main():
     ap.add_argument("--prune-iterations", type=int, default=0,
                     help="rounds per pruner (0: each pruner's default; synflow's is 100)")
     ap.add_argument("--compression", type=float, default=10)
+    ap.add_argument("--precisions", default="",
+                    help="prunetrack's precisions to time, e.g. fp32,bf16 (default: what auto picks here, and "
+                         "fp32 beside it); bf16 on a CPU without native bf16 is emulated, several times slower")
     args = ap.parse_args()
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
@@ -205,20 +209,29 @@ def main():
     rounds = max(1, args.rounds)
     workers = args.workers if args.workers >= 0 else min(8, len(__import__("os").sched_getaffinity(0)))
     precision = training.resolve_precision("auto", device)
+    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()] or list(dict.fromkeys([precision, "fp32"]))
+    unknown = [p for p in precisions if p not in ("fp32", "bf16")]
+    if unknown:
+        ap.error(f"--precisions takes fp32 and bf16, got {', '.join(unknown)}")
+    native = training.native_bf16(device)
     bs = args.batch_size
     n_train = bs * (max(steps, 100) + warmup + 1)
     ds = load_images(args.data_dir, min(50000, n_train), min(10000, bs * (steps + warmup)))
-    name = torch.cuda.get_device_name(device) if cuda else f"CPU {platform.processor() or platform.machine()}"
-    print(f"device: {name}; torch {torch.__version__}; batch {bs}; {steps} timed steps after {warmup}; "
-          f"data: {ds.name}; reference DataLoader workers: {workers}; "
-          f"prunetrack precision (auto): {precision}, channels-last")
+    print(f"device: {device_name(device)}; torch {torch.__version__}; batch {bs}; {steps} timed steps after "
+          f"{warmup}; data: {ds.name}; reference DataLoader workers: {workers}; prunetrack precision (auto): "
+          f"{precision}, channels-last")
 
     # 0. The machine's GEMM peak in each precision: what a training step could reach at best.
-    gemms = {p: gemm_peak(device, dtype) for p, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    # Emulated bf16 is timed on work of a quarter of the sides (1/64 of the FLOPs), once.
+    gemms = {"fp32": gemm_peak(device, torch.float32),
+             "bf16": gemm_peak(device, torch.bfloat16) if native else gemm_peak(device, torch.bfloat16, 1, 4)}
     peaks = {p: max(g.values()) for p, g in gemms.items()}
-    table("GEMM peak (best of 5), GFLOP/s: 4096x4096 matmul, and the same work as a 1x1 convolution",
+    table("GEMM peak (best of 5), GFLOP/s: 4096x4096 matmul, and the same work as a 1x1 convolution"
+          + ("" if native else "; bf16 is emulated here (no native bf16): 1024x1024, the same work as a 1x1 "
+             "convolution, one run"),
           ["precision", "matmul", "1x1 convolution", "peak (the larger)"],
-          [[p, f"{g['matmul']:,.0f}", f"{g['conv1x1']:,.0f}", f"{peaks[p]:,.0f}"] for p, g in gemms.items()])
+          [[p, *(f"{v:,.0f}" if v >= 10 else f"{v:.1f}" for v in (g["matmul"], g["conv1x1"], peaks[p]))]
+           for p, g in gemms.items()])
 
     # 1. The data path alone: augmented, normalized batches on the device.
     gen = torch.Generator(device=device).manual_seed(0)
@@ -246,9 +259,8 @@ def main():
         pruning.prune(model, "rand", args.compression)
         ref_model = reference_model(model)
         model = training.prepare(model)  # as jobs build it
-        variants = [(f"prunetrack {precision}", model, ours, precision)]
-        if precision != "fp32":
-            variants.append(("prunetrack fp32", model, ours, "fp32"))
+        variants = [(f"prunetrack {p}" + (" (emulated)" if p == "bf16" and not native else ""), model, ours, p)
+                    for p in precisions]
         if args.compile:
             variants.append((f"prunetrack+compile {precision}", torch.compile(model), ours, precision))
         variants.append(("reference", ref_model, ref, "fp32"))

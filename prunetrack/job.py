@@ -179,8 +179,7 @@ def load_checkpoint(ckpt: checkpoint.Checkpoint, cfg: JobConfig, device: torch.d
     state = ckpt.load()
     here = training.resolve_precision(cfg.train.precision, device)
     if state and state.get("precision", here) != here:
-        why = (" (bf16 is native only on CUDA and on CPUs with AMX or AVX512-BF16)"
-               if cfg.train.precision == "auto" else "")
+        why = f" ({training.WHERE_BF16_IS_NATIVE})" if cfg.train.precision == "auto" else ""
         raise checkpoint.NotResumable(
             f"the checkpoint in {ckpt.folder} holds {state['phase']} epoch {state['epoch']}/{state['epochs']} "
             f"trained in {state['precision']}, but here precision {cfg.train.precision!r} resolves to {here}{why}, "

@@ -174,7 +174,7 @@ def precision_change(plan: list[Cell], done: dict[str, str], todo: list[Cell]) -
     before = join_words([f"{plural(n, 'finished cell')} in {p}" for p, n in trained.most_common()])
     now = join_words([f"{plural(len(cells), 'cell')} left in {p}" for p, cells in new.items()])
     auto = any(c.config.train.precision == "auto" for cells in new.values() for c in cells)
-    why = " (precision auto: bf16 is native only on CUDA and on CPUs with AMX or AVX512-BF16)" if auto else ""
+    why = f" (precision auto: {training.WHERE_BF16_IS_NATIVE})" if auto else ""
     return f"this machine would train the {now}{why}, where the sweep has {before}: a protocol change between cells"
 
 

@@ -86,6 +86,11 @@ def time_runs(experiment: str, rounds: int = 5, batch_size: int = 256, device: s
         timed.append(Timed(r.info.run_id, r.info.run_name, net, batches, precision))
     echo(f"timing {plural(len(timed), 'run')} of {experiment!r}: {plural(rounds, 'round')} of a full test-set evaluation each, "
          f"batch {batch_size}, on {device_name(dev)}")
+    emulated = [t for t in timed if t.precision == "bf16" and not training.native_bf16(dev)]
+    if emulated:
+        echo(f"WARNING: {plural(len(emulated), 'run')} trained in bf16, which {device_name(dev)} only emulates (several "
+             "times slower than fp32): their times here are not those of a machine with native bf16, and the pass "
+             "takes that much longer")
 
     sync = measure.device_sync(dev)
     for t in timed:  # warm-up: kernel choice and caches, once per network

@@ -33,6 +33,7 @@ PRECISIONS = config.PRECISIONS
 # AVX-512 bf16 dot products. A CPU with neither only emulates bf16 in oneDNN, which is
 # slower than fp32, so `auto` must not pick bf16 there.
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+WHERE_BF16_IS_NATIVE = "bf16 is native only on CUDA and on CPUs with AMX or AVX512-BF16"
 
 
 @functools.lru_cache(maxsize=None)

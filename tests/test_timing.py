@@ -48,3 +48,15 @@ def test_timing_command_refuses_an_experiment_without_runs(mlflow_store):
     assert result.exit_code == 1 and "no experiment named 'nope'" in result.output
     result = CliRunner().invoke(cli.cli, ["time", "--experiment", "timed", "--rounds", "0"])
     assert result.exit_code == 2 and "rounds" in result.output.lower()
+
+
+def test_timing_bf16_runs_where_bf16_is_only_emulated_says_so(mlflow_store, monkeypatch):
+    from prunetrack import training
+
+    run_job(_job(pruner="rand", compression=2, precision="bf16"))
+    for native in (False, True):
+        monkeypatch.setattr(training, "native_bf16", lambda device, native=native: native)
+        seen = []
+        timing.time_runs("timed", rounds=1, batch_size=50, device="cpu", echo=seen.append)
+        warned = [line for line in seen if line.startswith("WARNING: 1 run trained in bf16, which cpu (")]
+        assert len(warned) == (0 if native else 1), seen
