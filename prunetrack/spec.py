@@ -62,15 +62,18 @@ class Spec:
     cells: list[Cell]
     text: str         # the file as written, logged with the parent run
 
-    def plan(self) -> list[Cell]:
+    def plan(self, done=frozenset()) -> list[Cell]:
         """What runs, in order: the cells (skipping those another cell computes), each
-        shared pre-training placed just before the first cell that starts from it."""
+        shared pre-training placed just before the first cell that starts from it and is not
+        in `done` (config hashes of finished cells). A study resumed where the weights of its
+        pre-training are gone trains it again only when its next cell needs it, not before
+        the cells that need none (hours of a CPU sitting)."""
         out, seen = [], set()
         for cell in self.cells:
             if cell.shared_with:
                 continue
             cfg = cell.config
-            if cfg.train.pre_epochs and cfg.pretrain_hash() not in seen:
+            if cfg.train.pre_epochs and cell.config_hash not in done and cfg.pretrain_hash() not in seen:
                 seen.add(cfg.pretrain_hash())
                 out.append(pretrain_cell(cell))
             out.append(cell)

@@ -84,7 +84,7 @@ def run_sweep(spec: Spec, parallel: int = 1, executor: str = "local", ray_addres
         for cell in spec.cells:
             cell.config.run.experiment = experiment
     done = tracking.finished_configs(experiment)
-    plan = spec.plan()
+    plan = spec.plan(done)
     todo = [c for c in plan if c.config_hash not in done]
     skipped = [Result(c, "skipped", run_id=done[c.config_hash]) for c in plan if c.config_hash in done]
     shared = [Result(c, "shared") for c in spec.cells if c.shared_with]

@@ -116,6 +116,22 @@ def test_a_list_of_grids_runs_one_after_another(tmp_path):
     assert "same configuration" in bad(tmp_path, {"grid": [{"seed": [0]}, {"seed": [0]}]})
 
 
+def test_a_pretraining_is_planned_before_the_first_cell_left_that_needs_it(tmp_path):
+    # Resumed where the pre-training's weights are gone (another machine): the cells that
+    # need none run first, and the pre-training just before the next Magnitude cell.
+    path = write_spec(tmp_path, [{"pruner": ["mag"], "compression": [10]}, {"pruner": ["rand"], "compression": [10]},
+                                 {"pruner": ["mag"], "compression": [2]}],
+                      overrides=[{"when": {"pruner": "mag"}, "set": {"pre_epochs": 1}}])
+    spec = specs.load_spec(path)
+    keys = lambda plan: [c.key for c in plan]
+    assert keys(spec.plan()) == ["pretrain:resnet20-pretrain-1ep-s0", "pruner=mag,compression=10",
+                                 "pruner=rand,compression=10", "pruner=mag,compression=2"]
+    assert keys(spec.plan({spec.cells[0].config_hash})) == [
+        "pruner=mag,compression=10", "pruner=rand,compression=10", "pretrain:resnet20-pretrain-1ep-s0",
+        "pruner=mag,compression=2"]
+    assert keys(spec.plan({spec.cells[0].config_hash, spec.cells[2].config_hash})) == [c.key for c in spec.cells]
+
+
 def test_shipped_smoke_spec_plans_its_grid(tmp_path, mlflow_store):
     result = CliRunner().invoke(cli.cli, ["sweep", os.path.join(REPO, "sweeps", "smoke.yaml"), "--dry-run"])
     assert result.exit_code == 0, result.output
@@ -208,6 +224,11 @@ def test_study_specs_cover_the_study():
     vgg = specs.load_spec(os.path.join(REPO, "sweeps", "study_vgg16.yaml"))
     grid = [c for c in vgg.cells if c.config.train.post_epochs == 10 and c.config.run.seed == 0]
     assert len(grid) == 30 and {c.config.prune.compression for c in grid} == {1, 2, 5, 10, 15, 20}
+    # The tables' cells (20, 2, 5, 15x), Magnitude's last, so that one pre-training serves them together.
+    tables = vgg.cells[11:31]
+    assert {c.config.prune.compression for c in tables} == {20, 2, 5, 15}
+    assert [c.config.prune.pruner for c in tables].index("mag") == 16 and \
+        {c.config.prune.pruner for c in tables[16:]} == {"mag"}
     # Then seeds 1 and 2 of the 10x row.
     seeds = vgg.cells[31:41]
     assert {(c.config.run.seed, c.config.prune.compression, c.config.train.post_epochs) for c in seeds} == \
