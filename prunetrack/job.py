@@ -162,8 +162,8 @@ def train_phase(s: Setup, cfg: JobConfig, ckpt: checkpoint.Checkpoint, state: di
             tracking.log_metrics({"train_loss": e.loss}, e.epoch)
             raise
     if stopped(history[-1]["epoch"] if history else 0):
-        print(f"{phase}: the test loss has not improved for {patience} epochs since epoch {best['epoch']}; "
-              "stopped", flush=True)
+        print(f"{phase}: the test loss has not improved for {progress.plural(patience, 'epoch')} since epoch "
+              f"{best['epoch']}; stopped", flush=True)
     if patience and best is not None:
         s.model.load_state_dict(best["model"])
     return history

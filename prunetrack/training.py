@@ -192,8 +192,8 @@ def fit(model: nn.Module, train_batches, test_batches, epochs: int, opt, sched,
         elif stop_by is not None and stop_by() < epochs:
             # A patience stop: the phase's length is not known in advance, only its bounds.
             by = stop_by()
-            left = (f"~{clock(per_epoch * (by - epoch))} left in {label} if the test loss does not improve by "
-                    f"epoch {by}, at most ~{clock(per_epoch * (epochs - epoch))}")
+            left = (f"~{clock(per_epoch * (by - epoch))} left in {label} if the test loss does not improve again "
+                    f"(the patience stops it after epoch {by}), at most ~{clock(per_epoch * (epochs - epoch))}")
         else:
             left = f"~{clock(per_epoch * (epochs - epoch))} left in {label}"
         print(f"{label} epoch {epoch}/{epochs}: train loss {train_loss:.4f}, test loss {ev['loss']:.4f}, "

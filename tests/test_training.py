@@ -88,7 +88,8 @@ def test_an_epoch_line_bounds_the_time_left_of_a_phase_that_may_stop_early(capsy
     lines = capsys.readouterr().out.splitlines()
     assert last == 3 and len(lines) == 3
     assert lines[0].startswith("train epoch 1/200: ")
-    assert "left in train if the test loss does not improve by epoch 6, at most ~" in lines[0]
+    assert "left in train if the test loss does not improve again (the patience stops it after epoch 6), at most ~" \
+        in lines[0]
     assert lines[2].endswith("; stopping early)")
     training.fit(model, batches, batches, 5, opt, sched, lambda epoch, metrics: False, stop_by=lambda: 9, start_epoch=4)
     assert capsys.readouterr().out.strip().endswith("left in train)")  # the cap comes first: one bound
