@@ -160,9 +160,11 @@ def precision_change(plan: list[Cell], done: dict[str, str], todo: list[Cell]) -
     from prunetrack import training
     from prunetrack.job import resolve_device
 
+    if not todo:
+        return None
     trained = Counter(tracking.tag_values([done[c.config_hash] for c in plan if c.config_hash in done],
                                           "precision").values())
-    if not trained or not todo:
+    if not trained:
         return None
     here: dict[str, list[Cell]] = {}
     for c in todo:
