@@ -59,16 +59,16 @@ stop() {
 
 case "${1:-}" in
   start)
+    case "${2:-}" in
+      ""|--allow-precision-change) ;;
+      *) echo "study.sh: unknown option '$2' (accepted: --allow-precision-change)" >&2; exit 2 ;;
+    esac
     if running; then echo "the sweep is running already (pid $(cat sweep.pid)); see $STUDY/sweep.log"; exit 0; fi
     update_code
     if [ ! -f data/cifar-10-batches-py/test_batch ]; then
       if [ -f "$REPO/data/cifar-10-batches-py/test_batch" ]; then cp -r "$REPO/data" data
       else "$PY" "$REPO/../shared/data/cifar10_jpeg.py" materialize data; fi
     fi
-    case "${2:-}" in
-      ""|--allow-precision-change) ;;
-      *) echo "study.sh: unknown option '$2' (accepted: --allow-precision-change)" >&2; exit 2 ;;
-    esac
     if [ -f "$EXPORT" ]; then prunetrack import "$EXPORT"; fi
     PYTHONPATH=$STUDY/code nohup setsid "$PY" -m prunetrack sweep "code/$SPEC" ${2:-} >> sweep.log 2>&1 &
     echo $! > sweep.pid
