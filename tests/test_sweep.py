@@ -561,7 +561,8 @@ def test_sigterm_to_a_parallel_sweep_stops_its_cells_then_its_server(tmp_path, m
     log = (tmp_path / "sweep.log").read_text()
     assert proc.returncode != 0, log
     assert "tracking server http://127.0.0.1:" in log
-    assert all(r.info.status != "RUNNING" for r in runs()), "a stopped sweep left a run RUNNING"
+    left = [r.info.run_name for r in runs() if r.info.status == "RUNNING"]
+    assert not left, f"a stopped sweep left runs RUNNING: {left}\n{log}"
     assert [r.info.status for r in children()] == ["KILLED", "KILLED"], log
     assert [r.info.status for r in parents()] == ["KILLED"]
     _wait(lambda: not _marked(mark), 15, f"processes left behind: {_marked(mark)}")
