@@ -122,7 +122,7 @@ def run_sweep(spec: Spec, parallel: int = 1, executor: str = "local", ray_addres
             stream = run_local(todo, envs, parallel, progress.started)
         else:
             stream = run_ray(todo, envs, ray_address, progress.started)
-        with contextlib.closing(stream):
+        with _close_cells_left_running(experiment, parent.info.run_id), contextlib.closing(stream):
             for result in stream:
                 # The cell's run, by its tags (a resumed run may have been created by an earlier sweep).
                 result.run_id = tracking.find_cell_run(
@@ -149,6 +149,22 @@ def run_sweep(spec: Spec, parallel: int = 1, executor: str = "local", ray_addres
         if summary.failed:
             raise SweepFailed(summary)
     return summary
+
+
+@contextlib.contextmanager
+def _close_cells_left_running(experiment: str, parent_run_id: str):
+    """On an interruption, once the cells have stopped (closing the stream waits for them):
+    close the runs of those that could not close their own (SIGKILLed when their grace ran
+    out, e.g. an artifact upload to a slow server), so that a stopped sweep leaves no run
+    RUNNING."""
+    try:
+        yield
+    except BaseException:
+        with interrupts.closing():
+            for run_id in tracking.running_children(experiment, parent_run_id):
+                tracking.end_if_running(run_id, "KILLED", "the sweep was stopped, and its cell's process ended "
+                                        "before it closed its run")
+        raise
 
 
 def precision_change(plan: list[Cell], done: dict[str, str], todo: list[Cell]) -> str | None:

@@ -417,6 +417,17 @@ def find_cell_run(experiment: str, sweep: str, parent_run_id: str, hash_tag: str
     return ours[0].info.run_id if ours else None
 
 
+def running_children(experiment: str, parent_run_id: str) -> list[str]:
+    """The runs of `experiment` still RUNNING whose parent is `parent_run_id` (a sweep's cells)."""
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    runs = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}' and "
+                              "attributes.status = 'RUNNING'", max_results=1000)
+    return [r.info.run_id for r in runs]
+
+
 def end_if_running(run_id: str, status: str, error: str) -> bool:
     """Close a run its own process could not close (killed by SIGKILL or the OOM killer):
     set `error` and end it with `status`. Returns whether it was still RUNNING."""

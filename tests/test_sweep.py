@@ -649,3 +649,17 @@ def test_a_sweep_refuses_to_train_the_cells_left_in_another_precision(mlflow_sto
     assert len(allowed) == 1 and "will refuse" not in allowed[0], allowed
     mlflow.MlflowClient().set_tag(runs()[0].info.run_id, "precision", here)
     assert warnings() == []
+
+
+def test_a_stopped_sweep_closes_the_runs_its_cells_could_not(mlflow_store):
+    # A cell SIGKILLed when its grace ran out leaves its run RUNNING: the sweep closes it.
+    client = mlflow.MlflowClient()
+    exp = client.create_experiment("sweeps")
+    parent = client.create_run(exp, run_name="sweep-t")
+    cell = client.create_run(exp, run_name="cell", tags={"mlflow.parentRunId": parent.info.run_id})
+    other = client.create_run(exp, run_name="not ours")  # another sweep's, say: left alone
+    with pytest.raises(KeyboardInterrupt), sweep._close_cells_left_running("sweeps", parent.info.run_id):
+        raise KeyboardInterrupt
+    assert client.get_run(cell.info.run_id).info.status == "KILLED"
+    assert "ended before it closed its run" in client.get_run(cell.info.run_id).data.tags["error"]
+    assert client.get_run(other.info.run_id).info.status == "RUNNING"
