@@ -31,7 +31,7 @@ from prunetrack import masking
 
 FORMAT = "prunetrack-checkpoint-v1"
 PROGRESS = "progress.json"
-PROGRESS_KEYS = ("phase", "epoch", "epochs", "run_id", "precision")
+PROGRESS_KEYS = ("phase", "epoch", "epochs", "run_id")
 ENV = "PRUNETRACK_CHECKPOINT_DIR"
 
 
