@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -19,6 +20,13 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 import torch  # noqa: E402  (after the thread count)
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+# A shell starts background commands (`... &`, nohup) with Ctrl-C ignored, and an ignored
+# signal stays ignored through exec: the interruption tests, which send SIGINT to this
+# process and to the processes it starts, would fail however prunetrack behaves. Take
+# Ctrl-C back as Python has it in the foreground; the processes tests start inherit that.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
