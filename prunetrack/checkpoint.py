@@ -163,20 +163,22 @@ class _suppress_missing:
         return kind is not None and issubclass(kind, FileNotFoundError)
 
 
-def rng_state() -> dict[str, Any]:
-    """Every global random stream a job draws from."""
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """Every global random stream a job on `device` draws from: on CUDA, its own GPU's
+    only, so that a job resumed where fewer GPUs are visible (a sweep cell sees one) can
+    restore it."""
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "random": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["random"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def pretrain_key(pretrain_hash: str) -> str:

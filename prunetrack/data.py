@@ -171,12 +171,18 @@ def load(name: str, data_dir: str = "data", download: bool = True, train_subset:
     return ds
 
 
-def normalize(x: torch.Tensor, mean, std, channels_last: bool = False) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> float32, standardized per channel: one conversion (straight
-    into the target memory layout) and one in-place pass, x * 1/(255 std) - mean/std."""
-    mean = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
-    scale, shift = 1.0 / (255.0 * std), -mean / std
+def standardizer(mean, std, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) on `device` such that x * scale + shift = (x / 255 - mean) / std per
+    channel. Made once per split: building them from Python numbers is a copy from the
+    host, which on CUDA waits for all the work queued before it."""
+    mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=device).view(1, 3, 1, 1)
+    return 1.0 / (255.0 * std), -mean / std
+
+
+def normalize(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float32, standardized per channel (`standardizer`): one
+    conversion (straight into the target memory layout) and one in-place pass."""
     out = x.to(torch.float32, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     return torch.addcmul(shift, out, scale, out=out)  # shift + out * scale, written over out
 
@@ -219,7 +225,8 @@ class Batches:
             # index and dtype conversion; training batches get the layout from `augment`.
             x = x.contiguous(memory_format=torch.channels_last)
         self.x, self.y, self.batch_size = x, y, batch_size
-        self.mean, self.std, self.train = mean, std, train
+        self.scale, self.shift = standardizer(mean, std, x.device)
+        self.train = train
         self.generator, self.channels_last = generator, channels_last
 
     def __len__(self) -> int:
@@ -234,7 +241,7 @@ class Batches:
             xb = self.x[idx]
             if self.train:
                 xb = augment(xb, self.generator, channels_last=self.channels_last)
-            yield normalize(xb, self.mean, self.std, self.channels_last), self.y[idx]
+            yield normalize(xb, self.scale, self.shift, self.channels_last), self.y[idx]
 
 
 def pruning_batches(ds: Dataset, per_class: int, batch_size: int, seed: int,

@@ -126,9 +126,15 @@ def run_local(cells: list[Cell], envs: dict[str, dict[str, str]], parallel: int,
             if stopping.is_set():
                 return Result(cell, "failed", output="not started: the sweep was stopped"), gpu
             env = dict(envs[cell.key])
-            if gpu is not None:
+            # A cell that names its GPU (device cuda:N) sees the GPUs the sweep sees: pinned
+            # to one, its cuda:N would be another GPU or none.
+            pinned = gpu is not None and not cell.config.run.device.startswith("cuda:")
+            if pinned:
                 env["CUDA_VISIBLE_DEVICES"] = gpu
-            on_start(cell, f"gpu {gpu}" if gpu is not None else "cpu")
+            if pinned:
+                on_start(cell, f"gpu {gpu}")
+            else:
+                on_start(cell, "cpu" if gpu is None else cell.config.run.device)
             start = time.time()
             try:
                 code, output = run_cell_process(

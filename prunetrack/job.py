@@ -48,6 +48,13 @@ def resolve_device(name: str) -> torch.device:
         raise ValueError(f"device {name!r} requested but CUDA is not available; use --device cpu or auto")
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        n, visible = torch.cuda.device_count(), os.environ.get("CUDA_VISIBLE_DEVICES")
+        # A sweep shows each cell only the GPU it pins it to: there, cuda:0 is that GPU.
+        raise ValueError(f"device {name!r} requested but only {progress.plural(n, 'CUDA device')} "
+                         f"{'is' if n == 1 else 'are'} visible"
+                         + (f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else "")
+                         + f"; use {'cuda:0' if n == 1 else f'cuda:0 to cuda:{n - 1}'}, cuda or auto")
     return device
 
 
@@ -74,7 +81,10 @@ def common_tags(cfg: JobConfig, device: torch.device) -> dict:
             "git_commit": tracking.git_commit(), "device": device_name(device), "device_type": device.type,
             "precision": training.resolve_precision(cfg.train.precision, device),
             "prunetrack_version": __version__, "torch_version": torch.__version__,
-            "mlflow_version": mlflow.__version__}
+            "mlflow_version": mlflow.__version__,
+            # MLflow's GPU system metrics (nvidia-ml-py) number every GPU of the machine; this
+            # says which of them the job had (a sweep pins each cell to one).
+            **({"cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "all")} if device.type == "cuda" else {})}
 
 
 @dataclass
@@ -90,6 +100,7 @@ class Setup:
 
 def build(cfg: JobConfig, device: torch.device) -> Setup:
     seed_everything(cfg.run.seed)
+    training.use_device(device)
     ds = data.load(cfg.data.dataset, cfg.data.data_dir, cfg.data.download, cfg.data.train_subset,
                    cfg.data.test_subset, cfg.run.seed).to(device)
     model = masking.add_masks(models.get_model(cfg.model.model, ds.num_classes)).to(device)
@@ -116,25 +127,26 @@ def train_phase(s: Setup, cfg: JobConfig, ckpt: checkpoint.Checkpoint, state: di
     opt, sched = training.make_optimizer(t.optimizer, s.model, t.lr, t.weight_decay, t.lr_drop_epochs(),
                                          t.lr_drop_rate)
     history, best = [], None
+    device = next(s.model.parameters()).device
     if state is not None:
         s.model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         s.stream.set_state(state["stream"])
-        checkpoint.set_rng_state(state["rng"])
+        checkpoint.set_rng_state(state["rng"], device)
         history, best = state["history"], state.get("best")
         logged = tracking.logged_steps(run_id, "test_loss")
         for h in history:
             if h["epoch"] not in logged:
                 tracking.log_metrics({k: v for k, v in h.items() if k != "epoch"}, h["epoch"])
 
-    precision = training.resolve_precision(t.precision, next(s.model.parameters()).device)
+    precision = training.resolve_precision(t.precision, device)
 
     def snapshot(epoch: int) -> dict:
         return {"run_id": run_id, "phase": phase, "epoch": epoch, "epochs": epochs, "precision": precision,
-                "model": s.model.state_dict(),
+                "device": device.type, "model": s.model.state_dict(),
                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "stream": s.stream.get_state(),
-                "rng": checkpoint.rng_state(), "history": history, "best": best, "extra": extra}
+                "rng": checkpoint.rng_state(device), "history": history, "best": best, "extra": extra}
 
     def stopped(epoch: int) -> bool:
         return bool(patience) and best is not None and epoch - best["epoch"] >= patience
@@ -170,21 +182,32 @@ def train_phase(s: Setup, cfg: JobConfig, ckpt: checkpoint.Checkpoint, state: di
 
 
 def load_checkpoint(ckpt: checkpoint.Checkpoint, cfg: JobConfig, device: torch.device) -> dict | None:
-    """The state to resume from (None: start afresh), refusing one begun in another
-    precision than `cfg`'s resolves to here: `auto` is bf16 on a machine with native bf16
-    and fp32 elsewhere, and a run trained partly in each, under one `precision` tag, would
-    be neither (NotResumable, before any run is reopened)."""
+    """The state to resume from (None: start afresh), refusing (NotResumable, before any
+    run is reopened) one that cannot be continued here:
+    - one begun in another precision than `cfg`'s resolves to here: `auto` is bf16 on a
+      machine with native bf16 and fp32 elsewhere, and a run trained partly in each, under
+      one `precision` tag, would be neither;
+    - one begun on another kind of device: a CPU's and a GPU's random streams (the data
+      order and augmentation) are different generators, and one cannot take up the other's."""
     if not cfg.run.resume:
         ckpt.clear()
     state = ckpt.load()
+    if not state:
+        return state
+    held = f"the checkpoint in {ckpt.folder} holds {state['phase']} epoch {state['epoch']}/{state['epochs']}"
     here = training.resolve_precision(cfg.train.precision, device)
-    if state and state.get("precision", here) != here:
+    if state.get("precision", here) != here:
         why = f" ({training.WHERE_BF16_IS_NATIVE})" if cfg.train.precision == "auto" else ""
         raise checkpoint.NotResumable(
-            f"the checkpoint in {ckpt.folder} holds {state['phase']} epoch {state['epoch']}/{state['epochs']} "
-            f"trained in {state['precision']}, but here precision {cfg.train.precision!r} resolves to {here}{why}, "
+            f"{held} trained in {state['precision']}, but here precision {cfg.train.precision!r} resolves to {here}{why}, "
             f"and a run trained in two precisions would be neither: resume it on a machine where it resolves to "
             f"{state['precision']}, or start it over in {here} with --resume false")
+    began = state.get("device", "cpu")  # checkpoints of earlier versions were all made on CPUs
+    if began != device.type:
+        raise checkpoint.NotResumable(
+            f"{held} trained on {began}, but this job runs on {device.type}, whose random streams (the data order "
+            f"and augmentation) cannot take up a {began}'s: resume it with --device {began}, or start it over "
+            f"here with --resume false")
     return state
 
 
@@ -364,6 +387,8 @@ def measure_and_log(s: Setup, cfg: JobConfig, device: torch.device, name: str, p
         "compression_actual": prunable / max(remaining, 1), "pruning_time": pruned["pruning_time"],
         "training_time": training_time,
     })
+    if device.type == "cuda":  # the whole job's, training included: what a GPU must hold for it
+        tracking.log_metrics({"peak_gpu_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20})
     rows = measure.layer_rows(s.model, flops)
     tracking.log_table(rows, "layers")
     histograms = measure.histogram_record(pruned["init_weights"], measure.surviving_weights(s.model), layer_density)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunetrack import config, masking
+from prunetrack import config, masking, training
 
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -340,7 +340,8 @@ def prune(model: nn.Module, pruner: str, compression: float, batches: Batches | 
         for r in range(1, rounds + 1):
             k = target if r == rounds else round(total * density_at(r, rounds, compression, schedule))
             model.zero_grad(set_to_none=True)
-            scores = {n: s.detach() for n, s in score_fn(model, batches, generator).items()}
+            with training.exact_fp32():
+                scores = {n: s.detach() for n, s in score_fn(model, batches, generator).items()}
             model.zero_grad(set_to_none=True)
             alive = masking.get_masks(model)
             _check_finite(scores, alive, pruner)

@@ -55,6 +55,7 @@ def time_runs(experiment: str, rounds: int = 5, batch_size: int = 256, device: s
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     dev = resolve_device(device)
+    training.use_device(dev)  # the arithmetic the jobs evaluated in
     runs = finished_prune_runs(experiment, models_)
     if not runs:
         raise store.TrackingError(f"experiment {experiment!r} has no FINISHED prune runs to time")

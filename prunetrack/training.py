@@ -33,7 +33,7 @@ PRECISIONS = config.PRECISIONS
 # AVX-512 bf16 dot products. A CPU with neither only emulates bf16 in oneDNN, which is
 # slower than fp32, so `auto` must not pick bf16 there.
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
-WHERE_BF16_IS_NATIVE = "bf16 is native only on CUDA and on CPUs with AMX or AVX512-BF16"
+WHERE_BF16_IS_NATIVE = "bf16 is native only on CUDA GPUs since Ampere and on CPUs with AMX or AVX512-BF16"
 
 
 @functools.lru_cache(maxsize=None)
@@ -58,9 +58,10 @@ def cpu_flags() -> frozenset[str]:
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether `device` computes in bf16 natively: CUDA, or a CPU with AMX or AVX512-BF16."""
+    """Whether `device` computes in bf16 natively: a GPU of compute capability 8.0 or later
+    (Ampere; older ones emulate it), or a CPU with AMX or AVX512-BF16."""
     if device.type == "cuda":
-        return True
+        return torch.cuda.get_device_capability(device) >= (8, 0)
     return device.type == "cpu" and any(flag in cpu_flags() for flag in NATIVE_BF16_FLAGS)
 
 
@@ -78,6 +79,32 @@ def autocast(precision: str, device: torch.device):
     if resolve_precision(precision, device) == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def use_device(device: torch.device) -> None:
+    """The arithmetic a job sets for its device, once: on CUDA, fp32 convolutions and
+    matrix products in IEEE fp32 (cuDNN's default is TF32, a 10-bit mantissa, which a run
+    tagged fp32 would not be; under bf16 autocast they are bf16 anyway), and cuDNN picking
+    its fastest algorithms for the fixed batch shapes. Nothing changes on a CPU."""
+    if device.type == "cuda":
+        torch.backends.cudnn.conv.fp32_precision = "ieee"
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+        torch.backends.cudnn.benchmark = True
+
+
+@contextlib.contextmanager
+def exact_fp32():
+    """Pruning scores in IEEE fp32 and, on CUDA, from deterministic algorithms: the same
+    seed gives the same masks (autotuned cuDNN algorithms can differ from run to run).
+    Restores the settings on the way out; no effect on a CPU."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = cudnn.conv.fp32_precision, matmul.fp32_precision, cudnn.benchmark, cudnn.deterministic
+    cudnn.conv.fp32_precision = matmul.fp32_precision = "ieee"
+    cudnn.benchmark, cudnn.deterministic = False, True
+    try:
+        yield
+    finally:
+        cudnn.conv.fp32_precision, matmul.fp32_precision, cudnn.benchmark, cudnn.deterministic = saved
 
 
 def prepare(model: nn.Module) -> nn.Module:

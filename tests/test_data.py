@@ -149,7 +149,7 @@ def test_normalize_matches_to_tensor_then_normalize(channels_last):
     x = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
     mean, std = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
     expected = (x.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
-    out = data.normalize(x, mean, std, channels_last)
+    out = data.normalize(x, *data.standardizer(mean, std, x.device), channels_last)
     assert torch.allclose(out, expected, atol=1e-5)
     assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 

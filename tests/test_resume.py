@@ -127,10 +127,35 @@ def test_a_checkpoint_begun_in_another_precision_is_not_continued(mlflow_store, 
     with pytest.raises(checkpoint.NotResumable) as e:
         run_job(_job(post_epochs=2, precision="auto"))
     assert (f"holds train epoch 1/2 trained in {other}, but here precision 'auto' resolves to {here} (bf16 is "
-            "native only on CUDA and on CPUs with AMX or AVX512-BF16)") in str(e.value)
+            "native only on CUDA GPUs since Ampere and on CPUs with AMX or AVX512-BF16)") in str(e.value)
     assert "or start it over in" in str(e.value) and "--resume false" in str(e.value)
     [run] = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert run.info.status == "KILLED" and run.data.tags["precision"] == here  # left as it was
+
+
+def test_a_checkpoint_begun_on_another_kind_of_device_is_not_continued(mlflow_store, monkeypatch):
+    """A GPU's data stream cannot take up a CPU's (nor the reverse): such a checkpoint is
+    refused before any run is reopened; one of an earlier version, which names no device
+    (all were made on CPUs), resumes on a CPU."""
+    _interrupted_after_epoch_1(_job(post_epochs=2), monkeypatch)
+    cfg = job.resolve(_job(post_epochs=2))
+    with checkpoint.Checkpoint("", cfg.config_hash()) as ckpt:
+        state = ckpt.load()
+        assert state["device"] == "cpu"
+        ckpt.save({**state, "device": "cuda"})  # as if begun on a GPU, its folder shared with this machine
+
+    with pytest.raises(checkpoint.NotResumable) as e:
+        run_job(_job(post_epochs=2))
+    assert "holds train epoch 1/2 trained on cuda, but this job runs on cpu" in str(e.value)
+    assert "--device cuda" in str(e.value) and "--resume false" in str(e.value)
+    [run] = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert run.info.status == "KILLED"
+
+    with checkpoint.Checkpoint("", cfg.config_hash()) as ckpt:
+        ckpt.save({k: v for k, v in ckpt.load().items() if k != "device"})
+    run_job(_job(post_epochs=2))
+    [run] = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert run.info.status == "FINISHED" and sorted(tracking.logged_steps(run.info.run_id, "test_loss")) == [1, 2]
 
 
 def test_a_configuration_runs_in_one_process_at_a_time(mlflow_store):

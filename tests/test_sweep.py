@@ -382,6 +382,25 @@ def test_parallel_cells_are_pinned_to_distinct_gpus(tmp_path, monkeypatch):
     assert sorted(seen) == ["3", "3", "5", "5"]
 
 
+def test_a_cell_that_names_its_gpu_is_not_pinned_to_another(tmp_path, monkeypatch):
+    """device cuda:N names a GPU among those the sweep sees: pinned to one GPU, the cell
+    would see only that one, as its cuda:0."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    spec = specs.load_spec(write_spec(tmp_path, {"seed": [0, 1]}, base={"device": "cuda:1"}))
+    seen, where = [], []
+
+    def fake_cell(command, env, on_line=None, started=None):
+        seen.append(env.get("CUDA_VISIBLE_DEVICES"))
+        return 0, ""
+
+    monkeypatch.setattr(executors, "run_cell_process", fake_cell)
+    envs = {c.key: {} for c in spec.cells}
+    results = list(executors.run_local(spec.cells, envs, parallel=2, on_start=lambda cell, at: where.append(at)))
+    assert all(r.status == "finished" for r in results)
+    assert seen == [None, None]  # not set for the cell: it inherits the sweep's CUDA_VISIBLE_DEVICES
+    assert where == ["cuda:1", "cuda:1"]
+
+
 def test_one_at_a_time_a_cell_ends_before_the_next_starts(tmp_path, monkeypatch):
     # The sweep records a cell's end (its run, FAILED if its process died) and says so before
     # the next cell starts, so that the log reads in order and the ETA counts the cell as done.
@@ -630,7 +649,7 @@ def test_a_sweep_refuses_to_train_the_cells_left_in_another_precision(mlflow_sto
     result = CliRunner().invoke(cli.cli, ["sweep", path])
     assert result.exit_code == 1, result.output
     message = " ".join(result.output.split())
-    assert (f"this machine would train the 2 cells left in {here} (precision auto: bf16 is native only on CUDA "
+    assert (f"this machine would train the 2 cells left in {here} (precision auto: bf16 is native only on CUDA GPUs since Ampere "
             f"and on CPUs with AMX or AVX512-BF16), where the sweep has 1 finished cell in {other}") in message
     assert "pass --allow-precision-change" in message
     assert len(runs()) == 1  # refused before the sweep's run or any cell's

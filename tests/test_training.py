@@ -49,7 +49,35 @@ def test_auto_precision_follows_the_hardware(monkeypatch):
     monkeypatch.setattr(training, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
     assert training.resolve_precision("auto", cpu) == "fp32"
     assert training.resolve_precision("bf16", cpu) == "bf16" and training.resolve_precision("fp32", cpu) == "fp32"
+    # A GPU (none is needed: its compute capability is what decides): Ampere and later have
+    # native bf16, a Volta emulates it.
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     assert training.resolve_precision("auto", torch.device("cuda")) == "bf16"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    assert training.resolve_precision("auto", torch.device("cuda")) == "fp32"
+
+
+def test_pruning_scores_in_exact_fp32_and_the_settings_come_back(monkeypatch):
+    """cuDNN convolutions default to TF32 on Ampere and later: scores are computed with it
+    off, from deterministic algorithms, and the job's own settings are restored afterwards."""
+    from prunetrack import pruning
+
+    cudnn = torch.backends.cudnn
+    before = cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision, cudnn.benchmark
+    seen = []
+
+    def scorer(model, batches, generator):
+        seen.append((cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision, cudnn.benchmark,
+                     cudnn.deterministic))
+        return {n: torch.rand(m.weight.shape, generator=generator)
+                for n, m in masking.prunable_layers(model).items()}
+
+    monkeypatch.setitem(pruning.PRUNERS, "rand", scorer)
+    monkeypatch.setattr(cudnn, "benchmark", True)  # as a CUDA job sets it for training
+    pruning.prune(models.get_model("resnet20"), "rand", 10)
+    assert seen == [("ieee", "ieee", False, True)]
+    assert cudnn.benchmark is True
+    assert (cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision) == before[:2]
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -103,3 +131,22 @@ def test_device_name_tells_cpus_of_one_architecture_apart(monkeypatch):
     assert device_name(cpu) == f"cpu (Some CPU 7000, {isa}, native bf16, {threads} threads)"
     monkeypatch.setattr(training, "cpu_info", lambda: {"model name": "Some CPU 7000", "flags": "avx2"})
     assert device_name(cpu) == f"cpu (Some CPU 7000, {isa}, {threads} threads)"
+
+
+def test_a_gpu_index_beyond_the_visible_ones_is_refused_with_the_ones_there(monkeypatch):
+    """Before any run exists (job.prepare), not as a failed run: a sweep pins each cell to
+    one GPU, which the cell sees as cuda:0."""
+    from prunetrack.job import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    with pytest.raises(ValueError) as e:
+        resolve_device("cuda:1")
+    assert str(e.value) == ("device 'cuda:1' requested but only 1 CUDA device is visible (CUDA_VISIBLE_DEVICES=3); "
+                            "use cuda:0, cuda or auto")
+    assert resolve_device("cuda:0") == torch.device("cuda:0")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    with pytest.raises(ValueError, match=r"only 4 CUDA devices are visible; use cuda:0 to cuda:3, cuda or auto"):
+        resolve_device("cuda:4")
