@@ -8,13 +8,18 @@ other load) hits every cell alike. Each run gets the median and the spread, and 
 conditions (threads, device, batch size, precision, load average) as tags.
 
 Weights are a fresh initialization under the run's masks: with dense kernels the time
-does not depend on the weights' values, only on the shapes, which the masks keep.
+does not depend on the weights' values, only on the shapes, which the masks keep. For
+the same reason a run without its masks (an export carries none, so imported runs lack
+them) is timed under masks with exactly its logged number of surviving weights in each
+layer (layers.json), placed at random; its `timing.masks` tag says which it was.
 """
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -33,6 +38,7 @@ class Timed:
     net: torch.nn.Module
     batches: data.Batches  # the test split
     precision: str
+    masks: str = "logged"  # or "layer counts" (masks_of)
     times: list[float] = field(default_factory=list)
 
 
@@ -43,6 +49,32 @@ def finished_prune_runs(experiment: str, models_: list[str] | None = None) -> li
                                              max_results=5000, order_by=["attributes.start_time ASC"])
     out = [r for r in runs if tracking.KIND_TAG not in r.data.tags and "pruner" in r.data.tags]
     return [r for r in out if not models_ or r.data.tags.get("model") in models_]
+
+
+def masks_of(run, model: torch.nn.Module) -> tuple[dict[str, torch.Tensor] | None, str]:
+    """`run`'s masks for `model` and where they came from: `logged` (its masks.pt);
+    `layer counts` (no masks.pt: as many surviving weights in each layer as its
+    layers.json logs, at seeded random places); or (None, why) when it has neither."""
+    client = mlflow.MlflowClient()
+    present = {a.path for a in client.list_artifacts(run.info.run_id)}
+    if "masks.pt" in present:
+        return masking.load_masks(f"runs:/{run.info.run_id}"), "logged"
+    if "layers.json" not in present:
+        return None, "it has neither masks.pt nor layers.json"
+    with tempfile.TemporaryDirectory() as d, open(client.download_artifacts(run.info.run_id, "layers.json", d)) as f:
+        table = json.load(f)
+    remaining = {row[table["columns"].index("layer")]: int(row[table["columns"].index("remaining")])
+                 for row in table["data"]}
+    layers = masking.prunable_layers(model)
+    if set(remaining) != set(layers):
+        return None, "its layers.json does not list this model's prunable layers"
+    generator = torch.Generator().manual_seed(0)
+    masks = {}
+    for name, m in layers.items():
+        flat = torch.zeros(m.weight.numel(), dtype=torch.bool)
+        flat[torch.randperm(flat.numel(), generator=generator)[:remaining[name]]] = True
+        masks[name] = flat.view(m.weight.shape)
+    return masks, "layer counts"
 
 
 def time_runs(experiment: str, rounds: int = 5, batch_size: int = 256, device: str = "auto",
@@ -81,10 +113,21 @@ def time_runs(experiment: str, rounds: int = 5, batch_size: int = 256, device: s
                            ds.num_classes)
         batches, classes = splits[key]
         net = masking.add_masks(models.get_model(tags["model"], classes))
-        masking.set_masks(net, masking.load_masks(f"runs:/{r.info.run_id}"))
+        masks, source = masks_of(r, net)
+        if masks is None:
+            echo(f"not timing {r.info.run_name} ({r.info.run_id[:8]}): {source}")
+            continue
+        masking.set_masks(net, masks)
         precision = tags.get("precision") or training.resolve_precision(p.get("precision", "auto"), dev)
         net = training.prepare(net.to(dev)).eval()
-        timed.append(Timed(r.info.run_id, r.info.run_name, net, batches, precision))
+        timed.append(Timed(r.info.run_id, r.info.run_name, net, batches, precision, source))
+    if not timed:
+        raise store.TrackingError(f"no run of {experiment!r} could be rebuilt for timing (see above)")
+    rebuilt = [t for t in timed if t.masks == "layer counts"]
+    if rebuilt:
+        echo(f"{plural(len(rebuilt), 'run')} without masks (imported: exports carry none) timed under masks with "
+             f"their logged number of surviving weights in each layer, placed at random: dense kernels take as "
+             f"long whichever weights are zero")
     echo(f"timing {plural(len(timed), 'run')} of {experiment!r}: {plural(rounds, 'round')} of a full test-set evaluation each, "
          f"batch {batch_size}, on {device_name(dev)}")
     emulated = [t for t in timed if t.precision == "bf16" and not training.native_bf16(dev)]
@@ -116,7 +159,7 @@ def time_runs(experiment: str, rounds: int = 5, batch_size: int = 256, device: s
         median = statistics.median(t.times)
         tracking.log_to_finished_run(t.run_id, {"timed_test_time": median, "timed_test_time_min": min(t.times),
                                                 "timed_test_time_max": max(t.times)},
-                                     {**conditions, "timing.precision": t.precision})
+                                     {**conditions, "timing.precision": t.precision, "timing.masks": t.masks})
         echo(f"  {t.name:32s} median {median * 1e3:8.1f} ms  (min {min(t.times) * 1e3:.1f}, "
              f"max {max(t.times) * 1e3:.1f})")
     return timed

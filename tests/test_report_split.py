@@ -211,7 +211,8 @@ def test_controlled_timing_through_mlflow(pretrained_store):
     median, lo, hi = (f"{x * 1e3:,.1f}" for x in timed[("mag", 10)])
     assert t3["10x"]["Mag"] == f"{median} [{lo}–{hi}]"
     assert t3["10x"]["SNIP"] == "—*"  # test_time logged, timed_test_time not: not mixed in
-    assert ("Measured: median of 3 rounds, cells interleaved, batch 50, 2 threads, device cpu-test, precision "
+    assert ("Measured: median of 3 rounds, cells interleaved, each network rebuilt from its run's masks, batch 50, "
+            "2 threads, device cpu-test, precision "
             "fp32; load average 0.25 when it started (2026-01-01T00:00:00+00:00).") in text
     assert "[ResNet20 · SNIP · 10x]: timed_test_time not logged" in text
     found = text.split("## Findings", 1)[1]

@@ -174,7 +174,8 @@ def test_controlled_timing_is_used_with_its_spread_and_conditions():
     text = "\n".join(tables.tables_section(s))
     assert rows(text, 3) == [["1x", "100.0 [95.0–120.0] †", "100.0 [95.0–120.0] †"],
                              ["10x", "55.0 ± 7.1 (n=2) [48.0–70.0]", "—*"]]
-    assert ("one column per pruner. Measured: median of 5 rounds, cells interleaved, batch 256, 2 threads, device "
+    assert ("one column per pruner. Measured: median of 5 rounds, cells interleaved, each network rebuilt from "
+            "its run's masks, batch 256, 2 threads, device "
             "cpu (x86_64, 2 threads), precision bf16; load average 0.08 when it started "
             "(2026-01-02T03:04:05+00:00).") in text
     assert s.missing[("resnet20", "snip", 10.0)] >= {"timed_test_time not logged"}

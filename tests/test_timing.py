@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import mlflow
+import torch
 from click.testing import CliRunner
 
-from prunetrack import cli, timing
+from prunetrack import archive, cli, masking, timing
 from prunetrack.config import JobConfig
 from prunetrack.job import run_job
 from tests.conftest import SMOKE
@@ -60,3 +61,32 @@ def test_timing_bf16_runs_where_bf16_is_only_emulated_says_so(mlflow_store, monk
         timing.time_runs("timed", rounds=1, batch_size=50, device="cpu", echo=seen.append)
         warned = [line for line in seen if line.startswith("WARNING: 1 run trained in bf16, which cpu (")]
         assert len(warned) == (0 if native else 1), seen
+
+
+def test_runs_imported_without_masks_are_timed_under_their_layer_counts(mlflow_store, tmp_path):
+    """An export carries no masks, so a study resumed on another machine has runs without
+    them: each is timed under masks with its logged number of surviving weights in each
+    layer (dense kernels take as long whichever weights are zero), and says so in a tag;
+    a run with neither masks nor layers.json is named and left untimed."""
+    original = run_job(_job(pruner="snip", compression=10))
+    path = str(tmp_path / "runs.jsonl.gz")
+    archive.export_runs("timed", path)
+    archive.import_runs(path, experiment="copied")
+    with mlflow.start_run(experiment_id=mlflow.get_experiment_by_name("copied").experiment_id, run_name="bare",
+                          tags={"pruner": "rand", "model": "resnet20"}):
+        mlflow.log_params({"dataset": "synthetic", "test_subset": 100})
+
+    seen = []
+    [copy] = timing.time_runs("copied", rounds=1, batch_size=50, device="cpu", echo=seen.append)
+    logged = masking.load_masks(f"runs:/{original}")
+    rebuilt = masking.get_masks(copy.net)
+    assert {n: int(m.sum()) for n, m in rebuilt.items()} == {n: int(m.sum()) for n, m in logged.items()}
+    assert any(not torch.equal(rebuilt[n].cpu(), logged[n]) for n in logged)  # the counts, not the places
+    client = mlflow.MlflowClient()
+    assert client.get_run(copy.run_id).data.tags["timing.masks"] == "layer counts"
+    assert any(line.startswith("not timing bare (") and "neither masks.pt nor layers.json" in line for line in seen)
+    assert any(line.startswith("1 run without masks (imported: exports carry none)") for line in seen)
+
+    [own] = timing.time_runs("timed", rounds=1, batch_size=50, device="cpu", echo=lambda line: None)
+    assert client.get_run(original).data.tags["timing.masks"] == "logged"
+    assert all(torch.equal(m.cpu(), logged[n]) for n, m in masking.get_masks(own.net).items())

@@ -96,7 +96,12 @@ def timing_conditions(s: Study) -> str:
         return " / ".join(values) if values else "(not logged)"
 
     passes = Counter(r.tags.get("timing.when") for r in runs)
-    text = (f"median of {plural(seen('rounds'), 'round')}, cells interleaved, batch {seen('batch_size')}, "
+    counted = [r for r in runs if r.tags.get("timing.masks") == "layer counts"]
+    masks = ("each network rebuilt from its run's masks" if not counted else
+             f"each network rebuilt from its run's masks, or, for {plural(len(counted), 'run')} imported without them "
+             "(exports carry no masks), under masks with its logged number of surviving weights in each layer, "
+             "placed at random (dense kernels take as long whichever weights are zero)")
+    text = (f"median of {plural(seen('rounds'), 'round')}, cells interleaved, {masks}, batch {seen('batch_size')}, "
             f"{plural(seen('threads'), 'thread')}, device {seen('device')}, precision {seen('precision')}; ")
     if len(passes) == 1:
         return text + f"load average {seen('loadavg')} when it started ({seen('when')})"
