@@ -43,14 +43,8 @@ def main() -> None:
     masks = pruning.prune(pruned, args.pruner, args.compression, batches).masks
     # The same number of survivors in each layer, at random places (what `prunetrack time`
     # builds for a run without masks).
-    g = torch.Generator().manual_seed(1)
-    placed = {}
-    for name, m in masks.items():
-        flat = torch.zeros(m.numel(), dtype=torch.bool)
-        flat[torch.randperm(m.numel(), generator=g)[:int(m.sum())]] = True
-        placed[name] = flat.view(m.shape)
     shuffled = masking.add_masks(models.get_model(args.model, ds.num_classes))
-    masking.set_masks(shuffled, placed)
+    masking.set_masks(shuffled, masking.masks_with_counts(shuffled, {n: int(m.sum()) for n, m in masks.items()}, 1))
     dense = masking.add_masks(models.get_model(args.model, ds.num_classes))
     nets = {f"{args.pruner} {args.compression:g}x, its masks": pruned,
             f"{args.pruner} {args.compression:g}x counts, random places": shuffled, "unpruned": dense}

@@ -87,6 +87,23 @@ def save_masks(masks: dict[str, torch.Tensor], f) -> None:
     torch.save({"format": "prunetrack-masks-v1", "masks": packed}, f)
 
 
+def masks_with_counts(model: nn.Module, counts: dict[str, int], seed: int = 0) -> dict[str, torch.Tensor]:
+    """Masks (layer name -> bool tensor) for `model`'s prunable layers with exactly
+    `counts[name]` survivors each, at seeded random places: what dense kernels time like
+    the masks those counts came from."""
+    layers = prunable_layers(model)
+    if set(counts) != set(layers):
+        raise ValueError(f"counts do not match the model's prunable layers: missing {sorted(set(layers) - set(counts))}, "
+                         f"unexpected {sorted(set(counts) - set(layers))}")
+    generator = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, m in layers.items():
+        flat = torch.zeros(m.weight.numel(), dtype=torch.bool)
+        flat[torch.randperm(flat.numel(), generator=generator)[:counts[name]]] = True
+        out[name] = flat.view(m.weight.shape)
+    return out
+
+
 def load_masks(source: str) -> dict[str, torch.Tensor]:
     """Masks (layer name -> bool tensor) from a file written by `save_masks`, or from an
     MLflow run: `runs:/<run_id>` or any artifact URI of the run's `masks.pt`.

@@ -65,16 +65,9 @@ def masks_of(run, model: torch.nn.Module) -> tuple[dict[str, torch.Tensor] | Non
         table = json.load(f)
     remaining = {row[table["columns"].index("layer")]: int(row[table["columns"].index("remaining")])
                  for row in table["data"]}
-    layers = masking.prunable_layers(model)
-    if set(remaining) != set(layers):
+    if set(remaining) != set(masking.prunable_layers(model)):
         return None, "its layers.json does not list this model's prunable layers"
-    generator = torch.Generator().manual_seed(0)
-    masks = {}
-    for name, m in layers.items():
-        flat = torch.zeros(m.weight.numel(), dtype=torch.bool)
-        flat[torch.randperm(flat.numel(), generator=generator)[:remaining[name]]] = True
-        masks[name] = flat.view(m.weight.shape)
-    return masks, "layer counts"
+    return masking.masks_with_counts(model, remaining), "layer counts"
 
 
 def time_runs(experiment: str, rounds: int = 5, batch_size: int = 256, device: str = "auto",

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from prunetrack import load_masks, masking, training
+from prunetrack import load_masks, masking, models, training
 
 
 def small_net() -> nn.Module:
@@ -114,3 +114,15 @@ def test_torch_prune_works_on_a_masked_model():
         assert torch.equal(m.weight_mask.bool(), masks[name]) and torch.equal(m.prune_mask, masks[name])
         assert not m.weight[~masks[name]].any()
     assert masking.count(model)[1] == sum(int(m.sum()) for m in masks.values())
+
+
+def test_masks_with_counts_keep_exactly_those_counts_and_refuse_other_layers():
+    model = masking.add_masks(models.get_model("resnet20"))
+    counts = {name: (7 * i) % (m.weight.numel() + 1) for i, (name, m) in enumerate(masking.prunable_layers(model).items())}
+    masks = masking.masks_with_counts(model, counts, seed=3)
+    assert {n: int(m.sum()) for n, m in masks.items()} == counts
+    assert all(m.dtype == torch.bool for m in masks.values())
+    again = masking.masks_with_counts(model, counts, seed=3)
+    assert all(torch.equal(masks[n], again[n]) for n in masks)  # seeded
+    with pytest.raises(ValueError, match="counts do not match the model's prunable layers: missing"):
+        masking.masks_with_counts(model, dict(list(counts.items())[1:]))
