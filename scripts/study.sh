@@ -11,7 +11,8 @@
 #   bash scripts/study.sh stop     # stop the sweep once the cell in training saved its next checkpoint
 #   bash scripts/study.sh finish   # stop, time the cells finished since the last pass, export them, regenerate the report
 #   bash scripts/study.sh retime   # stop, then time every finished cell in one pass (the study's last step:
-#                                  # cells of one pass compare best; about a minute per cell on 2 cores)
+#                                  # cells of one pass compare best; about a minute per cell on 2 cores;
+#                                  # cells imported without masks are rebuilt from their per-layer counts)
 # stop, finish and retime wait for the next per-epoch checkpoint (at most one epoch), so that
 # no training is lost; with --now they stop at once and the cell resumes from its last one.
 #
@@ -104,7 +105,7 @@ case "${1:-}" in
     prunetrack time --experiment "$EXPERIMENT"
     ;;
   *)
-    sed -n '2,19p' "$REPO/scripts/study.sh"
+    sed -n '2,20p' "$REPO/scripts/study.sh"
     exit 2
     ;;
 esac
