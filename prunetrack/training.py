@@ -81,14 +81,19 @@ def autocast(precision: str, device: torch.device):
     return contextlib.nullcontext()
 
 
+# TF32 (a 10-bit mantissa) is cuDNN's default for fp32 convolutions on Ampere and later.
+# Set through the allow_tf32 flags, which every torch since 2.4 reads: once torch 2.9's
+# fp32_precision settings are used, torch.backends.cudnn.flags() and the allow_tf32
+# getters (torch.compile's convolution templates read one) raise.
+
+
 def use_device(device: torch.device) -> None:
     """The arithmetic a job sets for its device, once: on CUDA, fp32 convolutions and
-    matrix products in IEEE fp32 (cuDNN's default is TF32, a 10-bit mantissa, which a run
-    tagged fp32 would not be; under bf16 autocast they are bf16 anyway), and cuDNN picking
-    its fastest algorithms for the fixed batch shapes. Nothing changes on a CPU."""
+    matrix products in IEEE fp32, not TF32 (a run tagged fp32 is fp32; under bf16 autocast
+    they are bf16 anyway), and cuDNN picking its fastest algorithms for the fixed batch
+    shapes. Nothing changes on a CPU."""
     if device.type == "cuda":
-        torch.backends.cudnn.conv.fp32_precision = "ieee"
-        torch.backends.cuda.matmul.fp32_precision = "ieee"
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.benchmark = True
 
 
@@ -98,13 +103,13 @@ def exact_fp32():
     seed gives the same masks (autotuned cuDNN algorithms can differ from run to run).
     Restores the settings on the way out; no effect on a CPU."""
     cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
-    saved = cudnn.conv.fp32_precision, matmul.fp32_precision, cudnn.benchmark, cudnn.deterministic
-    cudnn.conv.fp32_precision = matmul.fp32_precision = "ieee"
-    cudnn.benchmark, cudnn.deterministic = False, True
+    saved = cudnn.allow_tf32, matmul.allow_tf32, cudnn.benchmark, cudnn.deterministic
+    cudnn.allow_tf32 = matmul.allow_tf32 = cudnn.benchmark = False
+    cudnn.deterministic = True
     try:
         yield
     finally:
-        cudnn.conv.fp32_precision, matmul.fp32_precision, cudnn.benchmark, cudnn.deterministic = saved
+        cudnn.allow_tf32, matmul.allow_tf32, cudnn.benchmark, cudnn.deterministic = saved
 
 
 def prepare(model: nn.Module) -> nn.Module:

@@ -62,22 +62,27 @@ def test_pruning_scores_in_exact_fp32_and_the_settings_come_back(monkeypatch):
     off, from deterministic algorithms, and the job's own settings are restored afterwards."""
     from prunetrack import pruning
 
-    cudnn = torch.backends.cudnn
-    before = cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision, cudnn.benchmark
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
     seen = []
 
     def scorer(model, batches, generator):
-        seen.append((cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision, cudnn.benchmark,
-                     cudnn.deterministic))
+        seen.append((cudnn.allow_tf32, matmul.allow_tf32, cudnn.benchmark, cudnn.deterministic))
         return {n: torch.rand(m.weight.shape, generator=generator)
                 for n, m in masking.prunable_layers(model).items()}
 
     monkeypatch.setitem(pruning.PRUNERS, "rand", scorer)
-    monkeypatch.setattr(cudnn, "benchmark", True)  # as a CUDA job sets it for training
-    pruning.prune(models.get_model("resnet20"), "rand", 10)
-    assert seen == [("ieee", "ieee", False, True)]
-    assert cudnn.benchmark is True
-    assert (cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision) == before[:2]
+    before = cudnn.allow_tf32, matmul.allow_tf32, cudnn.benchmark, cudnn.deterministic
+    try:
+        # TF32 as torch has it; autotuning as a CUDA job sets it for training.
+        cudnn.allow_tf32 = matmul.allow_tf32 = cudnn.benchmark = True
+        cudnn.deterministic = False
+        pruning.prune(models.get_model("resnet20"), "rand", 10)
+        assert seen == [(False, False, False, True)]
+        assert (cudnn.allow_tf32, matmul.allow_tf32, cudnn.benchmark, cudnn.deterministic) == (True, True, True, False)
+        with cudnn.flags(enabled=True):  # torch's own use of the flags still works
+            pass
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32, cudnn.benchmark, cudnn.deterministic = before
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
