@@ -131,7 +131,6 @@ def run_local(cells: list[Cell], envs: dict[str, dict[str, str]], parallel: int,
             pinned = gpu is not None and not cell.config.run.device.startswith("cuda:")
             if pinned:
                 env["CUDA_VISIBLE_DEVICES"] = gpu
-            if pinned:
                 on_start(cell, f"gpu {gpu}")
             else:
                 on_start(cell, "cpu" if gpu is None else cell.config.run.device)
