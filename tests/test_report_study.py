@@ -337,6 +337,30 @@ def test_runs_from_other_commits_are_listed_but_not_flagged_as_another_protocol(
     assert "⚠ 1 setting(s) differ between runs" in text and "the ⚠ settings aside, the protocol agrees" in text
 
 
+def test_cells_trained_in_another_precision_are_marked_where_their_accuracy_is_compared(tmp_path):
+    # A study resumed on a machine without native bf16: one cell trained in fp32, the rest in bf16.
+    runs = [make_run("rand", 1, metrics={"test_accuracy": 85.0}),
+            acc_run("rand", 80.0), acc_run("snip", 79.5), acc_run("grasp", 78.0, precision="fp32")]
+    s = study(runs, pruners=("rand", "snip", "grasp"))
+    text = render.render(s, str(tmp_path))
+    assert "- **Precision**: ⚠ differs between runs: `bf16` in 3 runs" in text
+    assert rows(text, 2) == [["1x", "85.00 †", "85.00 †", "85.00 †"], ["10x", "80.00", "79.50", "78.00 ‡"]]
+    assert rows(text, 1) == [["ResNet20", "80.00", "79.50", "78.00 ‡"]]
+    note = ("<sub>‡ trained in another precision than the study's bf16: fp32 (1 run: resnet20-grasp-10x-s0 "
+            "(grasp10s)). A precision changes the arithmetic of training")
+    assert text.count(note) == 2  # under the two accuracy tables, not under FLOPs or testing time
+    assert "‡" not in "".join(c for row in rows(text, 3) + rows(text, 4) for c in row)
+    ranking = findings.ranking_findings(s)[1]
+    assert ranking.endswith("; GraSP trained in fp32, the others in bf16, so its gap to the others includes a "
+                            "change of precision.")
+    grasp = next(line for line in findings.baseline_findings(s) if line.startswith("- GraSP against"))
+    assert "10x 78.00% (-7.00, below by more than noise, trained in fp32)" in grasp
+    # One precision throughout: no mark, no note, no caveat.
+    runs[3].tags["precision"] = "bf16"
+    text = render.render(study(runs, pruners=("rand", "snip", "grasp")), str(tmp_path))
+    assert "‡" not in text and "change of precision" not in text
+
+
 # ---------------------------------------------------------------------------- findings and noise
 
 def acc_run(pruner, acc, seed=0, c=10, **tags):

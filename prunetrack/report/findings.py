@@ -105,12 +105,25 @@ def ranking_findings(s: Study) -> list[str]:
             beyond = "the noise" if noise.sd is not None else "the test set's sampling error"
             words += (f"; {join_words([f'{pruner_label(p)} ({stats[best].mean - stats[p].mean:.2f} points)' for p in apart])}"
                       f" {'is' if len(apart) == 1 else 'are'} below it by more than {beyond}")
-        out.append(words + ".")
+        out.append(words + precision_caveat(s, {p: s.cell(M, p, c) for p in order}) + ".")
     if out:
         typical = statistics.fmean(st.mean for c in s.compressions for p in s.pruners
                                    if (st := s.stat(M, p, c, ACCURACY.key)))
         out.insert(0, noise.words(typical))
     return out
+
+
+def precision_caveat(s: Study, cells: dict[str, list[Run]]) -> str:
+    """A clause for compared cells ({pruner: runs}) of which some trained in another precision
+    than the study's: the gaps between them include the change ("" when none did)."""
+    other = {p: s.other_precisions(runs) for p, runs in cells.items() if s.other_precisions(runs)}
+    if not other:
+        return ""
+    used = join_words(sorted({x for ps in other.values() for x in ps}))
+    return (f"; {join_words([pruner_label(p) for p in other])} trained in {used}, the "
+            f"{'other' if len(cells) - len(other) == 1 else 'others'} in {s.precision}, so "
+            f"{'its gap to the others includes' if len(other) == 1 else 'their gaps to the others include'} "
+            "a change of precision")
 
 
 def layer_findings(s: Study) -> list[str]:
@@ -193,7 +206,8 @@ def baseline_findings(s: Study) -> list[str]:
         for c, st in tested:
             d, limit = st.mean - ref.mean, noise.threshold(st, ref)
             verdict = "within noise" if abs(d) < limit else ("below" if d < 0 else "above") + " by more than noise"
-            verdicts.append((c, st, d, verdict))
+            other = s.other_precisions(s.cell(M, p, c))
+            verdicts.append((c, st, d, verdict + (f", trained in {join_words(other)}" if other else "")))
         listed = ", ".join(f"{c:g}x {st.mean:.2f}% ({d:+.2f}, {v})" for c, st, d, v in verdicts)
         below = next((c for c, _, _, v in verdicts if v.startswith("below")), None)
         if len(verdicts) == 1:  # the verdict in brackets says it all

@@ -24,6 +24,7 @@ PRUNER_LABELS = {"rand": "Rand", "mag": "Mag", "snip": "SNIP", "grasp": "GraSP",
 NO_RUN = "—"
 NOT_LOGGED = "—*"
 SHARED = "†"
+OTHER_PRECISION = "‡"  # a cell trained in another precision than most of the study
 ABLATIONS = ("shuffle", "reinit", "invert")
 TAG_FIRST = {"device", "precision"}  # the param says "auto", the tag names what the job used
 UNSHARED_AT_1X = ("mag",)  # starts from pre-trained weights: its 1x is a network of its own
@@ -307,6 +308,16 @@ class Study:
     def histogram_run(self, pruner: str) -> Run | None:
         """The run whose weight histograms stand for (main, pruner, focus)."""
         return next((r for r in self.cell(self.main, pruner, self.opts.focus) if r.histograms), None)
+
+    @property
+    def precision(self) -> str | None:
+        """The precision most of the study's runs trained in."""
+        return self.common("precision")
+
+    def other_precisions(self, runs: list[Run]) -> list[str]:
+        """The precisions among `runs` other than the study's own, sorted: a precision decides
+        the arithmetic of training, so cells trained in another one differ by more than seeds."""
+        return sorted({p for r in runs if (p := r.setting("precision")) and p != self.precision})
 
     def common(self, key: str, runs: list[Run] | None = None, tag_first: bool = True) -> str | None:
         """The most common value of a setting among `runs` (default: all), None if none logged it."""

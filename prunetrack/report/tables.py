@@ -8,6 +8,7 @@ from prunetrack.report.records import (
     FLOPS,
     NO_RUN,
     NOT_LOGGED,
+    OTHER_PRECISION,
     SHARED,
     TIMED_TEST_TIME,
     Metric,
@@ -15,6 +16,7 @@ from prunetrack.report.records import (
     Study,
     join_words,
     model_label,
+    names,
     plural,
     pruner_label,
     round_range,
@@ -27,7 +29,8 @@ def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines
 
 
-def footnote(rows: list[list[str]], extra: list[str] = ()) -> list[str]:
+def footnote(rows: list[list[str]], marks: list[tuple[str, str]] = ()) -> list[str]:
+    """The legend of the missing marks, then each (mark, note) of `marks` whose mark is in a cell."""
     cells = {c for row in rows for c in row}
     notes = []
     if NO_RUN in cells:
@@ -37,9 +40,21 @@ def footnote(rows: list[list[str]], extra: list[str] = ()) -> list[str]:
     out = [""]
     if notes:
         out += [f"<sub>{'; '.join(notes)}; see [Missing cells](#missing-cells).</sub>", ""]
-    if extra and any(c.endswith(SHARED) for c in cells):
-        out += [f"<sub>{line}</sub>" for line in extra] + [""]
-    return out
+    shown = [f"<sub>{note}</sub>" for mark, note in marks if any(mark in c for c in cells)]
+    return out + (shown + [""] if shown else [])
+
+
+def precision_note(s: Study) -> tuple[str, str] | None:
+    """The footnote of the double dagger: which accuracy cells trained in another precision."""
+    others = [r for r in s.runs if s.other_precisions([r])]
+    if not others:
+        return None
+    used = join_words([f"{p} ({plural(len(rs), 'run')}: {names(rs)})"
+                       for p in s.other_precisions(others) if (rs := [r for r in others if r.setting("precision") == p])])
+    return OTHER_PRECISION, (f"{OTHER_PRECISION} trained in another precision than the study's {s.precision}: {used}. "
+                             "A precision changes the arithmetic of training, so an accuracy difference between "
+                             f"a {OTHER_PRECISION} cell and the others includes that change, beyond what the "
+                             "findings' noise threshold covers (see Settings).")
 
 
 def shared_note(s: Study, model: str) -> str | None:
@@ -80,6 +95,8 @@ def value(s: Study, model: str, pruner: str, c: float, metric: Metric) -> str:
     text = st.fmt(metric.fmt)
     if metric.key == TIMED_TEST_TIME.key:
         text += spread(s, model, pruner, c)
+    if metric.key == ACCURACY.key and s.other_precisions(s.cell(model, pruner, c)):
+        text += f" {OTHER_PRECISION}"
     return text + (f" {SHARED}" if s.is_shared(model, pruner, c) else "")
 
 
@@ -166,11 +183,12 @@ def tables_section(s: Study) -> list[str]:
     header = ["Model"] + [pruner_label(p) for p in s.pruners]
     out = []
     rows = [[model_label(m)] + metric_row(s, m, F, ACCURACY) for m in s.models]
-    notes = [n for m in s.models if (n := shared_note(s, m))] if F == 1.0 else []
+    precision = [n for n in (precision_note(s),) if n]
+    notes = [(SHARED, n) for m in s.models if (n := shared_note(s, m))] if F == 1.0 else []
     out += [f"**Table 1.** Test accuracy (top-1, %) at {F:g}x compression, one row per model, one "
-            f"column per pruner.", ""] + md_table(header, rows) + footnote(rows, notes)
+            f"column per pruner.", ""] + md_table(header, rows) + footnote(rows, precision + notes)
     time_what, time_how, time_note = time_caption(s)
-    main_note = [n for n in (shared_note(s, s.main),) if n]
+    main_note = precision + [(SHARED, n) for n in (shared_note(s, s.main),) if n]
     for n, metric, what in ((2, ACCURACY, "Test accuracy (top-1, %) of"),
                             (3, s.time_metric, time_what),
                             (4, FLOPS, "Effective FLOPs (millions, 2 x MACs over the weights that survive) of")):
