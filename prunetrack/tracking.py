@@ -42,6 +42,7 @@ def git_commit() -> str:
 # Tags a parent process (a sweep) asks every run it starts to carry, as a JSON object
 # (e.g. {"mlflow.parentRunId": ..., "sweep": ..., "cell": ...}).
 RUN_TAGS_ENV = "PRUNETRACK_RUN_TAGS"
+LOGGED_ARTIFACTS = "mlflow.loggedArtifacts"  # the run tag that lists its tables for the UI
 
 
 def env_tags() -> dict[str, str]:
@@ -263,9 +264,17 @@ def log_masks(masks: dict[str, torch.Tensor]) -> None:
 
 
 def log_table(rows: list[dict[str, Any]], name: str) -> None:
-    """A table the MLflow UI shows as one (artifact `<name>.json`)."""
+    """A table the MLflow UI shows as one (artifact `<name>.json`): what `mlflow.log_table`
+    writes (pandas' "split" layout, and the run tag that lists the file as a table), made
+    here without pandas, which nothing else in a job needs (mlflow-skinny, as on a GPU machine
+    set up from wheels, leaves it out)."""
     columns = list(rows[0]) if rows else []
-    mlflow.log_table({c: [r[c] for r in rows] for c in columns}, f"{name}.json")
+    file = f"{name}.json"
+    mlflow.log_dict({"columns": columns, "data": [[r[c] for c in columns] for r in rows]}, file)
+    run_id = mlflow.active_run().info.run_id
+    listed = json.loads(mlflow.get_run(run_id).data.tags.get(LOGGED_ARTIFACTS, "[]"))
+    if {"path": file, "type": "table"} not in listed:
+        mlflow.set_tag(LOGGED_ARTIFACTS, json.dumps(listed + [{"path": file, "type": "table"}]))
 
 
 def log_dict(obj: dict, name: str) -> None:

@@ -10,6 +10,7 @@
 #   bash scripts/study.sh status   # every cell's state and the time left (sweep --dry-run), and the log's tail
 #   bash scripts/study.sh stop     # stop the sweep once the cell in training saved its next checkpoint
 #   bash scripts/study.sh finish   # stop, time the cells finished since the last pass, export them, regenerate the report
+#   bash scripts/study.sh import FILE  # runs made elsewhere (a GPU machine's export: scripts/device.sh) join the store
 #   bash scripts/study.sh retime   # stop, then time every finished cell in one pass (the study's last step:
 #                                  # cells of one pass compare best; about a minute per cell on 2 cores;
 #                                  # cells imported without masks are rebuilt from their per-layer counts)
@@ -99,13 +100,19 @@ case "${1:-}" in
     prunetrack export --experiment "$EXPERIMENT" -o "$EXPORT"
     cd "$REPO" && "$PY" -m prunetrack report --experiment "$EXPERIMENT" --name cifar10
     ;;
+  import)
+    file=$(cd "$OLDPWD" && realpath -e "${2:-}" 2>/dev/null) || {
+      echo "study.sh import: no export file '${2:-}' (give the runs.jsonl.gz that scripts/device.sh brought back)" >&2; exit 2; }
+    running || update_code  # a running cell keeps its code
+    prunetrack import "$file"
+    ;;
   retime)
     stop "${2:-}"
     update_code
     prunetrack time --experiment "$EXPERIMENT"
     ;;
   *)
-    sed -n '2,20p' "$REPO/scripts/study.sh"
+    sed -n '2,21p' "$REPO/scripts/study.sh"
     exit 2
     ;;
 esac

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import mlflow
@@ -167,6 +168,25 @@ def test_log_to_finished_run_leaves_it_finished(mlflow_store):
     after = client().get_run(run.info.run_id)
     assert (after.info.status, after.info.end_time) == ("FINISHED", ended)
     assert after.data.metrics["timed_test_time"] == 0.5 and after.data.tags["timing.rounds"] == "3"
+
+
+def test_log_table_writes_what_mlflow_log_table_writes_without_pandas(mlflow_store, monkeypatch):
+    rows = [{"layer": "conv1", "params": 1728, "density": 0.1, "note": None},
+            {"layer": "fc", "params": 5120, "density": 0.25, "note": "last"}]
+    with tracking.job_run("t", "mlflow's") as theirs:
+        mlflow.log_table({c: [r[c] for r in rows] for c in rows[0]}, "layers.json")
+        mlflow.log_table({"a": [1]}, "other.json")
+    monkeypatch.setitem(sys.modules, "pandas", None)  # as with mlflow-skinny: `import pandas` fails
+    with tracking.job_run("t", "ours") as ours:
+        tracking.log_table(rows, "layers")
+        tracking.log_table([{"a": 1}], "other")
+        tracking.log_table(rows, "layers")  # logged again: replaced, listed once
+    for run in (theirs, ours):
+        assert mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/layers.json") == {
+            "columns": ["layer", "params", "density", "note"],
+            "data": [["conv1", 1728, 0.1, None], ["fc", 5120, 0.25, "last"]]}
+    tags = [json.loads(client().get_run(r.info.run_id).data.tags[tracking.LOGGED_ARTIFACTS]) for r in (theirs, ours)]
+    assert tags[0] == tags[1] == [{"path": "layers.json", "type": "table"}, {"path": "other.json", "type": "table"}]
 
 
 # ---------------------------------------------------------------------------- experiments and the store
