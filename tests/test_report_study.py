@@ -185,6 +185,19 @@ def test_controlled_timing_is_used_with_its_spread_and_conditions():
            "predicted)." in found  # ranges [48-70] and [95-120] apart
 
 
+def test_a_cell_timed_on_another_machine_or_precision_is_marked_in_table_3():
+    runs = [timed("rand", 1, 8.3, 8.2, 8.5), timed("rand", 10, 8.2, 8.1, 8.4), timed("snip", 10, 37.5, 36.9, 39.0)]
+    runs[2].tags.update({"timing.device": "cpu (Some CPU, AVX2, 2 threads)", "timing.precision": "fp32"})
+    text = "\n".join(tables.tables_section(study(runs, pruners=("rand", "snip"))))
+    assert rows(text, 3) == [["1x", "8.30 [8.20–8.50] †", "8.30 [8.20–8.50] †"],
+                             ["10x", "8.20 [8.10–8.40]", "37.50 [36.90–39.00] §"]]
+    assert ("<sub>§ timed on another device or in another precision than most cells: device cpu (Some CPU, AVX2, "
+            "2 threads), precision fp32 (resnet20-snip-10x-s0 (snip10s0)). Such a time measures the machine") in text
+    assert text.count("§") == 2  # the cell and its note, under Table 3 only
+    runs[2].tags.update({k: runs[0].tags[k] for k in ("timing.device", "timing.precision")})
+    assert "§" not in "\n".join(tables.tables_section(study(runs, pruners=("rand", "snip"))))
+
+
 def test_testing_times_of_a_second_and_more_are_in_seconds():
     s = study([timed("rand", 1, 10.1885, 10.1051, 10.2754), timed("rand", 10, 10.0952, 10.0855, 10.1836)],
               pruners=("rand",))

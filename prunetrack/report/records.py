@@ -25,6 +25,7 @@ NO_RUN = "—"
 NOT_LOGGED = "—*"
 SHARED = "†"
 OTHER_PRECISION = "‡"  # a cell trained in another precision than most of the study
+OTHER_TIMING = "§"     # a cell timed on another device or in another precision than most
 ABLATIONS = ("shuffle", "reinit", "invert")
 TAG_FIRST = {"device", "precision"}  # the param says "auto", the tag names what the job used
 UNSHARED_AT_1X = ("mag",)  # starts from pre-trained weights: its 1x is a network of its own

@@ -9,6 +9,7 @@ from prunetrack.report.records import (
     NO_RUN,
     NOT_LOGGED,
     OTHER_PRECISION,
+    OTHER_TIMING,
     SHARED,
     TIMED_TEST_TIME,
     Metric,
@@ -57,6 +58,31 @@ def precision_note(s: Study) -> tuple[str, str] | None:
                              "findings' noise threshold covers (see Settings).")
 
 
+def timing_setup(r) -> str:
+    """Where and in what precision the controlled timing pass timed a run."""
+    return f"device {r.tags.get('timing.device', '?')}, precision {r.tags.get('timing.precision', '?')}"
+
+
+def timed_elsewhere(s: Study, runs: list) -> list:
+    """The runs among `runs` timed on another device or in another precision than most of the
+    main model's timed runs: their times measure the machine as much as the network."""
+    timed = [r for r in s.runs if r.model == s.main and TIMED_TEST_TIME.key in r.metrics]
+    usual = Counter(timing_setup(r) for r in timed).most_common(1)
+    return [r for r in runs if TIMED_TEST_TIME.key in r.metrics and usual and timing_setup(r) != usual[0][0]]
+
+
+def timing_note(s: Study) -> tuple[str, str] | None:
+    """The footnote of the section mark: which cells' testing times came from another setup."""
+    others = timed_elsewhere(s, [r for r in s.runs if r.model == s.main])
+    if not others:
+        return None
+    setups = join_words([f"{setup} ({names([r for r in others if timing_setup(r) == setup])})"
+                         for setup in dict.fromkeys(timing_setup(r) for r in others)])
+    return OTHER_TIMING, (f"{OTHER_TIMING} timed on another device or in another precision than most cells: {setups}. "
+                          "Such a time measures the machine as much as the network; `study.sh retime` (or `prunetrack "
+                          "time` without `--untimed`) times every cell in one pass.")
+
+
 def shared_note(s: Study, model: str) -> str | None:
     """The footnote of the dagger: which pruners show the one dense run at 1x, and why
     Magnitude's 1x is not among them."""
@@ -94,7 +120,7 @@ def value(s: Study, model: str, pruner: str, c: float, metric: Metric) -> str:
         return s.mark(model, pruner, c)
     text = st.fmt(metric.fmt)
     if metric.key == TIMED_TEST_TIME.key:
-        text += spread(s, model, pruner, c)
+        text += spread(s, model, pruner, c) + (f" {OTHER_TIMING}" if timed_elsewhere(s, s.cell(model, pruner, c)) else "")
     if metric.key == ACCURACY.key and s.other_precisions(s.cell(model, pruner, c)):
         text += f" {OTHER_PRECISION}"
     return text + (f" {SHARED}" if s.is_shared(model, pruner, c) else "")
@@ -195,7 +221,8 @@ def tables_section(s: Study) -> list[str]:
         rows = [[f"{c:g}x"] + metric_row(s, s.main, c, metric) for c in s.compressions]
         how = time_how if n == 3 else ""
         out += [f"**Table {n}.** {what} {M} against compression, one column per pruner.{how}", ""]
-        out += md_table(["Compression"] + header[1:], rows) + footnote(rows, main_note)
+        marks = main_note + [n for n in (timing_note(s),) if n and metric is s.time_metric]
+        out += md_table(["Compression"] + header[1:], rows) + footnote(rows, marks)
         if n == 3:
             out += time_note
     out += layer_tables(s, header)
