@@ -58,7 +58,9 @@ case "${1:-}" in
     echo "$KIT: $(ls "$KIT/wheels" | wc -l) wheels for Python $PYV and CIFAR-10, $(du -sh "$KIT" | cut -f1); carry it: run(carry=['$KIT'])"
     ;;
   study)
-    SECONDS_LEFT=${2:?usage: device.sh study SECONDS}
+    SECONDS_LEFT=${2:-}
+    [[ "$SECONDS_LEFT" =~ ^[1-9][0-9]*$ ]] || {
+      echo "device.sh study: give the sweep's time limit in whole seconds, e.g. 'device.sh study 480' (got '${2:-}')" >&2; exit 2; }
     there
     "$PY" -m prunetrack import "$EXPORT"
     # TERM at the deadline: the sweep stops its cell (run KILLED, checkpoint kept) and exits.
