@@ -116,7 +116,7 @@ def ranking_findings(s: Study) -> list[str]:
 def precision_caveat(s: Study, cells: dict[str, list[Run]]) -> str:
     """A clause for compared cells ({pruner: runs}) of which some trained in another precision
     than the study's: the gaps between them include the change ("" when none did)."""
-    other = {p: s.other_precisions(runs) for p, runs in cells.items() if s.other_precisions(runs)}
+    other = {p: ps for p, runs in cells.items() if (ps := s.other_precisions(runs))}
     if not other:
         return ""
     used = join_words(sorted({x for ps in other.values() for x in ps}))
