@@ -171,6 +171,14 @@ def names(runs, limit: int = 4) -> str:
     return shown + (f", … {len(runs) - limit} more" if len(runs) > limit else "")
 
 
+def grouped(runs: list, key: Callable) -> dict:
+    """`runs` by `key(run)`, the values in the order they first appear."""
+    out: dict = {}
+    for r in runs:
+        out.setdefault(key(r), []).append(r)
+    return out
+
+
 def round_range(runs: list, key: str) -> tuple[float, float] | None:
     """The lowest `<key>_min` and highest `<key>_max` over `runs` (a timing's rounds), or None
     when they did not log both."""

@@ -6,7 +6,7 @@ import datetime
 import os
 import re
 import shlex
-from collections import Counter, defaultdict
+from collections import Counter
 
 from mlflow.tracking import MlflowClient
 
@@ -20,6 +20,7 @@ from prunetrack.report.records import (
     Run,
     Study,
     cell_name,
+    grouped,
     join_words,
     model_label,
     names,
@@ -88,10 +89,7 @@ def settings_section(s: Study) -> list[str]:
 
     def describe(key: str, title: str, group: list[Run], suffix: str = "") -> None:
         nonlocal flagged
-        values: dict[str, list[Run]] = defaultdict(list)
-        for r in group:
-            v = r.setting(key)
-            values["(not logged)" if v is None else v or "(none)"].append(r)
+        values = grouped(group, lambda r: "(not logged)" if (v := r.setting(key)) is None else v or "(none)")
         if len(values) == 1:
             lines.append(f"- **{title}**{suffix}: `{next(iter(values))}`")
             return

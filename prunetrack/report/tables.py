@@ -15,6 +15,7 @@ from prunetrack.report.records import (
     Metric,
     Stat,
     Study,
+    grouped,
     join_words,
     model_label,
     names,
@@ -51,7 +52,7 @@ def precision_note(s: Study) -> tuple[str, str] | None:
     if not others:
         return None
     used = join_words([f"{p} ({plural(len(rs), 'run')}: {names(rs)})"
-                       for p in s.other_precisions(others) if (rs := [r for r in others if r.setting("precision") == p])])
+                       for p, rs in sorted(grouped(others, lambda r: r.setting("precision")).items())])
     return OTHER_PRECISION, (f"{OTHER_PRECISION} trained in another precision than the study's {s.precision}: {used}. "
                              "A precision changes the arithmetic of training, so an accuracy difference between "
                              f"a {OTHER_PRECISION} cell and the others includes that change, beyond what the "
@@ -76,8 +77,7 @@ def timing_note(s: Study) -> tuple[str, str] | None:
     others = timed_elsewhere(s, [r for r in s.runs if r.model == s.main])
     if not others:
         return None
-    setups = join_words([f"{setup} ({names([r for r in others if timing_setup(r) == setup])})"
-                         for setup in dict.fromkeys(timing_setup(r) for r in others)])
+    setups = join_words([f"{setup} ({names(rs)})" for setup, rs in grouped(others, timing_setup).items()])
     return OTHER_TIMING, (f"{OTHER_TIMING} timed on another device or in another precision than most cells: {setups}. "
                           "Such a time measures the machine as much as the network; `study.sh retime` (or `prunetrack "
                           "time` without `--untimed`) times every cell in one pass.")
