@@ -200,7 +200,12 @@ def sweep(spec, parallel, executor, ray_address, dry_run, allow_precision_change
 @click.option("--untimed", is_flag=True,
               help="Only the runs without a timed_test_time yet: the cells a growing study finished since its "
                    "last pass. A pass over every run compares best; a study's last one should be.")
-def time_cmd(experiment, rounds, batch_size, device, data_dir, models, untimed):
+@click.option("--precision", type=click.Choice(["trained", *config.PRECISIONS]), default="trained",
+              show_default=True,
+              help="Arithmetic of the timed evaluations: each run's own (trained), or one for every run (auto: bf16 "
+                   "where this device computes it natively, fp32 elsewhere). One for all compares runs that "
+                   "trained in different precisions.")
+def time_cmd(experiment, rounds, batch_size, device, data_dir, models, untimed, precision):
     """Time inference under the same conditions for every finished run: rebuild each
     network from its logged masks, time a full test-set evaluation of each in interleaved
     rounds, and log the median and spread (timed_test_time*) and the conditions
@@ -210,11 +215,13 @@ def time_cmd(experiment, rounds, batch_size, device, data_dir, models, untimed):
     \b
     Example:
       prunetrack time --experiment study --rounds 5
+      prunetrack time --experiment study --precision auto
     """
     from prunetrack import store, timing
 
     try:
-        timing.time_runs(experiment, rounds, batch_size, device, data_dir, models, echo=click.echo, untimed=untimed)
+        timing.time_runs(experiment, rounds, batch_size, device, data_dir, models, echo=click.echo, untimed=untimed,
+                         precision=precision)
     except (store.TrackingError, ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
 

@@ -12,6 +12,10 @@ does not depend on the weights' values, only on the shapes, which the masks keep
 the same reason a run without its masks (an export carries none, so imported runs lack
 them) is timed under masks with exactly its logged number of surviving weights in each
 layer (layers.json), placed at random; its `timing.masks` tag says which it was.
+
+Each network is evaluated in the precision its run trained in, unless `precision` names
+one for all: a study whose cells trained in different precisions, or one timed on a
+machine that only emulates bf16, compares best with one arithmetic for every cell.
 """
 from __future__ import annotations
 
@@ -28,7 +32,10 @@ import mlflow
 import torch
 
 from prunetrack import data, masking, measure, models, store, tracking, training
+from prunetrack.config import PRECISIONS
 from prunetrack.progress import plural
+
+TIMING_PRECISIONS = ("trained", *PRECISIONS)
 
 
 @dataclass
@@ -73,13 +80,18 @@ def masks_of(run, model: torch.nn.Module) -> tuple[dict[str, torch.Tensor] | Non
 
 def time_runs(experiment: str, rounds: int = 5, batch_size: int = 256, device: str = "auto",
               data_dir: str = "", models_: list[str] | None = None,
-              echo: Callable[[str], None] = print, untimed: bool = False) -> list[Timed]:
+              echo: Callable[[str], None] = print, untimed: bool = False,
+              precision: str = "trained") -> list[Timed]:
     """Time every finished prune run of `experiment` (with `untimed`, only those without a
-    timed_test_time yet) and log the results to each run."""
+    timed_test_time yet) and log the results to each run. `precision`: "trained" (each
+    run's own), or one of config.PRECISIONS for every run ("auto": what this device
+    computes natively)."""
     from prunetrack.job import device_name, resolve_device
 
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
+    if precision not in TIMING_PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(TIMING_PRECISIONS)}, got {precision!r}")
     dev = resolve_device(device)
     training.use_device(dev)  # the arithmetic the jobs evaluated in
     runs = finished_prune_runs(experiment, models_)
@@ -112,9 +124,12 @@ def time_runs(experiment: str, rounds: int = 5, batch_size: int = 256, device: s
             echo(f"not timing {r.info.run_name} ({r.info.run_id[:8]}): {source}")
             continue
         masking.set_masks(net, masks)
-        precision = tags.get("precision") or training.resolve_precision(p.get("precision", "auto"), dev)
+        if precision == "trained":
+            arithmetic = tags.get("precision") or training.resolve_precision(p.get("precision", "auto"), dev)
+        else:
+            arithmetic = training.resolve_precision(precision, dev)
         net = training.prepare(net.to(dev)).eval()
-        timed.append(Timed(r.info.run_id, r.info.run_name, net, batches, precision, source))
+        timed.append(Timed(r.info.run_id, r.info.run_name, net, batches, arithmetic, source))
     if not timed:
         raise store.TrackingError(f"no run of {experiment!r} could be rebuilt for timing (see above)")
     rebuilt = [t for t in timed if t.masks == "layer counts"]
@@ -128,7 +143,7 @@ def time_runs(experiment: str, rounds: int = 5, batch_size: int = 256, device: s
     if emulated:
         echo(f"WARNING: {plural(len(emulated), 'run')} trained in bf16, which {device_name(dev)} only emulates (several "
              "times slower than fp32): their times here are not those of a machine with native bf16, and the pass "
-             "takes that much longer")
+             "takes that much longer (--precision fp32 times every run in fp32)")
 
     sync = measure.device_sync(dev)
     for t in timed:  # warm-up: kernel choice and caches, once per network

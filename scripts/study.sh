@@ -13,7 +13,8 @@
 #   bash scripts/study.sh import FILE  # runs made elsewhere (a GPU machine's export: scripts/device.sh) join the store
 #   bash scripts/study.sh retime   # stop, then time every finished cell in one pass (the study's last step:
 #                                  # cells of one pass compare best; about a minute per cell on 2 cores;
-#                                  # cells imported without masks are rebuilt from their per-layer counts)
+#                                  # cells imported without masks are rebuilt from their per-layer counts;
+#                                  # every cell in this machine's native arithmetic: bf16 where it has it, else fp32)
 # stop, finish and retime wait for the next per-epoch checkpoint (at most one epoch), so that
 # no training is lost; with --now they stop at once and the cell resumes from its last one.
 #
@@ -95,7 +96,9 @@ case "${1:-}" in
   finish)
     stop "${2:-}"
     update_code
-    prunetrack time --experiment "$EXPERIMENT" --untimed
+    # One arithmetic for every cell this machine times (bf16 where it is native, fp32 elsewhere):
+    # cells trained in another precision compare with the rest, and no bf16 is emulated.
+    prunetrack time --experiment "$EXPERIMENT" --untimed --precision auto
     mkdir -p "$(dirname "$EXPORT")"
     prunetrack export --experiment "$EXPERIMENT" -o "$EXPORT"
     cd "$REPO" && "$PY" -m prunetrack report --experiment "$EXPERIMENT" --name cifar10
@@ -109,10 +112,10 @@ case "${1:-}" in
   retime)
     stop "${2:-}"
     update_code
-    prunetrack time --experiment "$EXPERIMENT"
+    prunetrack time --experiment "$EXPERIMENT" --precision auto
     ;;
   *)
-    sed -n '2,21p' "$REPO/scripts/study.sh"
+    sed -n '2,22p' "$REPO/scripts/study.sh"
     exit 2
     ;;
 esac

@@ -63,6 +63,30 @@ def test_timing_bf16_runs_where_bf16_is_only_emulated_says_so(mlflow_store, monk
         assert len(warned) == (0 if native else 1), seen
 
 
+def test_one_precision_for_every_run_times_runs_trained_in_another_in_it(mlflow_store, monkeypatch):
+    """A study whose cells trained in different precisions (or timed where bf16 is only
+    emulated) is timed in one arithmetic with --precision; the tag says which."""
+    from prunetrack import training
+
+    monkeypatch.setattr(training, "native_bf16", lambda device: False)
+    bf16, fp32 = (run_job(_job(pruner="rand", compression=2, precision=p)) for p in ("bf16", "fp32"))
+    client = mlflow.MlflowClient()
+    seen = []
+    timing.time_runs("timed", rounds=1, batch_size=50, device="cpu", echo=seen.append)
+    assert [client.get_run(i).data.tags["timing.precision"] for i in (bf16, fp32)] == ["bf16", "fp32"]
+    assert any(line.startswith("WARNING: 1 run trained in bf16") and "--precision fp32" in line for line in seen)
+
+    seen = []
+    result = CliRunner().invoke(cli.cli, ["time", "--experiment", "timed", "--rounds", "1", "--batch-size", "50",
+                                          "--device", "cpu", "--precision", "auto"])  # fp32: no native bf16
+    assert result.exit_code == 0, result.output
+    assert "trained in bf16" not in result.output
+    assert [client.get_run(i).data.tags["timing.precision"] for i in (bf16, fp32)] == ["fp32", "fp32"]
+
+    result = CliRunner().invoke(cli.cli, ["time", "--experiment", "timed", "--precision", "fp16"])
+    assert result.exit_code == 2 and "'fp16' is not one of 'trained', 'auto', 'fp32', 'bf16'" in result.output
+
+
 def test_runs_imported_without_masks_are_timed_under_their_layer_counts(mlflow_store, tmp_path):
     """An export carries no masks, so a study resumed on another machine has runs without
     them: each is timed under masks with its logged number of surviving weights in each

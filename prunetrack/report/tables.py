@@ -80,7 +80,7 @@ def timing_note(s: Study) -> tuple[str, str] | None:
     setups = join_words([f"{setup} ({names(rs)})" for setup, rs in grouped(others, timing_setup).items()])
     return OTHER_TIMING, (f"{OTHER_TIMING} timed on another device or in another precision than most cells: {setups}. "
                           "Such a time measures the machine as much as the network; `study.sh retime` (or `prunetrack "
-                          "time` without `--untimed`) times every cell in one pass.")
+                          "time --precision auto` without `--untimed`) times every cell in one pass and one precision.")
 
 
 def shared_note(s: Study, model: str) -> str | None:
