@@ -164,7 +164,10 @@ def report(experiment, name, output_dir, models, compressions, pruners, dataset)
 @click.option("--allow-precision-change", is_flag=True,
               help="Run the cells left even where this machine trains them in another precision than the "
                    "finished cells (precision auto: bf16 where it is native, fp32 elsewhere).")
-def sweep(spec, parallel, executor, ray_address, dry_run, allow_precision_change):
+@click.option("--max-cells", type=click.IntRange(min=1), default=None,
+              help="Run only the first N cells left, in the plan's order, then stop (exit 0): a piece of a long "
+                   "sweep; running it again goes on with the next.")
+def sweep(spec, parallel, executor, ray_address, dry_run, allow_precision_change, max_cells):
     """Run a grid of prune jobs from a YAML SPEC, one MLflow child run per cell.
 
     Cells that already have a FINISHED run with the same configuration are skipped, so
@@ -184,7 +187,8 @@ def sweep(spec, parallel, executor, ray_address, dry_run, allow_precision_change
         raise click.BadParameter(str(e), param_hint="SPEC") from None
     try:
         sweeps.run_sweep(loaded, parallel=parallel, executor=executor, ray_address=ray_address, dry_run=dry_run,
-                         echo=lambda line: click.echo(line), allow_precision_change=allow_precision_change)
+                         echo=lambda line: click.echo(line), allow_precision_change=allow_precision_change,
+                         max_cells=max_cells)
     except (sweeps.SweepFailed, sweeps.PrecisionChange, TrackingError) as e:
         raise click.ClickException(str(e)) from None
 

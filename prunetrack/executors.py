@@ -23,7 +23,7 @@ EXECUTORS = ("local", "ray")
 @dataclass
 class Result:
     cell: Cell
-    status: str       # finished | failed | skipped
+    status: str       # finished | failed | skipped | shared | later (--max-cells) | planned (--dry-run)
     seconds: float = 0.0
     run_id: str | None = None  # found by the run's tags once the cell's process ended
     output: str = ""  # the cell process's output (tail), for failures

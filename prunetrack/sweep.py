@@ -48,10 +48,11 @@ class Summary:
         return self.having("failed")
 
     def line(self) -> str:
-        shared = len(self.having("shared"))
+        shared, later = len(self.having("shared")), len(self.having("later"))
         return (f"sweep {self.name}: {plural(len(self.results), 'cell')}: {len(self.having('finished'))} finished, "
                 f"{len(self.having('skipped'))} skipped (already finished), {len(self.failed)} failed"
-                + (f", {shared} computed by another cell" if shared else "") + f" in {clock(self.seconds)}")
+                + (f", {shared} computed by another cell" if shared else "")
+                + (f", {later} left for a later run (--max-cells)" if later else "") + f" in {clock(self.seconds)}")
 
 
 class PrecisionChange(RuntimeError):
@@ -62,8 +63,10 @@ class PrecisionChange(RuntimeError):
 
 def run_sweep(spec: Spec, parallel: int = 1, executor: str = "local", ray_address: str | None = None,
               dry_run: bool = False, echo: Callable[[str], None] | None = None,
-              allow_precision_change: bool = False) -> Summary:
-    """Run the cells of `spec` that have no FINISHED run yet, under a parent run.
+              allow_precision_change: bool = False, max_cells: int | None = None) -> Summary:
+    """Run the cells of `spec` that have no FINISHED run yet, under a parent run; with
+    `max_cells`, only the first that many of them (in the plan's order), leaving the rest
+    for a later run: a piece of a long sweep sized to the time at hand.
 
     Returns the summary; raises SweepFailed (after every other cell ran, and after closing
     the parent run as FAILED) when some cell failed, and PrecisionChange (before any cell
@@ -75,6 +78,8 @@ def run_sweep(spec: Spec, parallel: int = 1, executor: str = "local", ray_addres
         raise ValueError(f"unknown executor {executor!r}; choose one of: {', '.join(EXECUTORS)}")
     if parallel < 1:
         raise ValueError(f"parallel must be >= 1, got {parallel}")
+    if max_cells is not None and max_cells < 1:
+        raise ValueError(f"max_cells must be >= 1, got {max_cells}")
     ray_address = ray_address or os.environ.get("RAY_ADDRESS") or None
     start = time.time()
     store.prepare_store()  # before the cells, which would otherwise race to create a new SQLite store
@@ -100,6 +105,11 @@ def run_sweep(spec: Spec, parallel: int = 1, executor: str = "local", ray_addres
     if dry_run:
         dry_run_table(spec, plan, done, parallel if executor == "local" else 1, echo, experiment)
         return Summary(spec.name, skipped + shared + [Result(c, "planned") for c in todo], time.time() - start)
+    later = [Result(c, "later") for c in todo[max_cells:]] if max_cells is not None else []
+    if later:
+        todo = todo[:max_cells]
+        echo(f"running the first {plural(len(todo), 'cell')} left (--max-cells {max_cells}); "
+             f"{len(later)} left for a later run")
 
     if executor == "ray" and ray_address and not store.tracking_is_remote():
         raise RuntimeError("cells on a Ray cluster need a tracking server every node can reach: "
@@ -134,8 +144,10 @@ def run_sweep(spec: Spec, parallel: int = 1, executor: str = "local", ray_addres
                                             f"its run:\n{result.output[-2000:]}")
                 results.append(result)
                 progress.finished(result)
-        summary = Summary(spec.name, sorted(results, key=lambda r: plan.index(r.cell)) + shared, time.time() - start)
-        tracking.log_metrics({f"cells_{s}": len(summary.having(s)) for s in ("finished", "skipped", "failed", "shared")}
+        summary = Summary(spec.name, sorted(results + later, key=lambda r: plan.index(r.cell)) + shared,
+                          time.time() - start)
+        tracking.log_metrics({f"cells_{s}": len(summary.having(s))
+                              for s in ("finished", "skipped", "failed", "shared", "later")}
                              | {"cells_total": len(spec.cells)})
         tracking.log_table([{"cell": r.cell.key, "run_name": r.cell.name, "status": r.status,
                              "run_id": r.run_id or "", "seconds": round(r.seconds, 1),

@@ -6,7 +6,8 @@
 #
 #   bash scripts/study.sh start    # import the committed export, then start (or resume) the sweep in the background
 #                                  # (--allow-precision-change: also where this machine would train the cells
-#                                  # left in another precision than the finished ones; the sweep refuses otherwise)
+#                                  # left in another precision than the finished ones; the sweep refuses otherwise;
+#                                  # --cells N: only the next N cells, then the sweep exits, with no cell cut short)
 #   bash scripts/study.sh status   # every cell's state and the time left (sweep --dry-run), and the log's tail
 #   bash scripts/study.sh stop     # stop the sweep once the cell in training saved its next checkpoint
 #   bash scripts/study.sh finish   # stop, time the cells finished since the last pass, export them, regenerate the report
@@ -62,10 +63,18 @@ stop() {
 
 case "${1:-}" in
   start)
-    case "${2:-}" in
-      ""|--allow-precision-change) ;;
-      *) echo "study.sh: unknown option '$2' (accepted: --allow-precision-change)" >&2; exit 2 ;;
-    esac
+    shift
+    opts=()
+    while [ $# -gt 0 ]; do
+      case "$1" in
+        --allow-precision-change) opts+=("$1") ;;
+        --cells)
+          [[ "${2:-}" =~ ^[1-9][0-9]*$ ]] || { echo "study.sh: --cells takes a number of cells, 1 or more" >&2; exit 2; }
+          opts+=(--max-cells "$2"); shift ;;
+        *) echo "study.sh: unknown option '$1' (accepted: --allow-precision-change, --cells N)" >&2; exit 2 ;;
+      esac
+      shift
+    done
     if running; then echo "the sweep is running already (pid $(cat sweep.pid)); see $STUDY/sweep.log"; exit 0; fi
     update_code
     if [ ! -f data/cifar-10-batches-py/test_batch ]; then
@@ -73,7 +82,7 @@ case "${1:-}" in
       else "$PY" "$REPO/../shared/data/cifar10_jpeg.py" materialize data; fi
     fi
     if [ -f "$EXPORT" ]; then prunetrack import "$EXPORT"; fi
-    PYTHONPATH=$STUDY/code nohup setsid "$PY" -m prunetrack sweep "code/$SPEC" ${2:-} >> sweep.log 2>&1 &
+    PYTHONPATH=$STUDY/code nohup setsid "$PY" -m prunetrack sweep "code/$SPEC" ${opts[@]+"${opts[@]}"} >> sweep.log 2>&1 &
     echo $! > sweep.pid
     # What the sweep refuses (a precision change, an unreachable store), it refuses within
     # seconds of starting: watch it that long, so that a refusal is not reported as a start.
@@ -115,7 +124,7 @@ case "${1:-}" in
     prunetrack time --experiment "$EXPERIMENT" --precision auto
     ;;
   *)
-    sed -n '2,22p' "$REPO/scripts/study.sh"
+    sed -n '2,23p' "$REPO/scripts/study.sh"
     exit 2
     ;;
 esac

@@ -301,6 +301,25 @@ def test_killed_sweep_resumes_only_missing_cells(tmp_path, mlflow_store):
     assert len([r for r in children() if r.info.status == "FINISHED"]) == 2
 
 
+def test_max_cells_runs_a_piece_of_the_sweep_and_the_next_run_goes_on(tmp_path, mlflow_store):
+    path = write_spec(tmp_path, {"compression": [10, 2]}, name="piece")
+    result = CliRunner().invoke(cli.cli, ["sweep", path, "--max-cells", "0"])
+    assert result.exit_code == 2 and "--max-cells" in result.output
+    result = CliRunner().invoke(cli.cli, ["sweep", path, "--max-cells", "1"])
+    assert result.exit_code == 0, result.output
+    assert "running the first 1 cell left (--max-cells 1); 1 left for a later run" in result.output
+    assert ("sweep piece: 2 cells: 1 finished, 0 skipped (already finished), 0 failed, 1 left for a later run "
+            "(--max-cells)") in result.output
+    # The plan's first cell ran; the parent run ended as a finished piece, not a failure.
+    assert [(r.data.tags["cell"], r.info.status) for r in children()] == [("compression=10", "FINISHED")]
+    [parent] = parents()
+    assert parent.info.status == "FINISHED" and parent.data.metrics["cells_later"] == 1
+
+    summary = sweep.run_sweep(specs.load_spec(path), max_cells=5, echo=lambda line: None)
+    assert [(r.cell.key, r.status) for r in summary.results] == [("compression=10", "skipped"),
+                                                                  ("compression=2", "finished")]
+
+
 @pytest.mark.slow
 def test_failing_cell_is_reported_and_others_finish(tmp_path, mlflow_store):
     # The cifar10 cell cannot find its data and may not download it: it fails at once.
