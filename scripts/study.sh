@@ -83,11 +83,18 @@ case "${1:-}" in
     fi
     if [ -f "$EXPORT" ]; then prunetrack import "$EXPORT"; fi
     PYTHONPATH=$STUDY/code nohup setsid "$PY" -m prunetrack sweep "code/$SPEC" ${opts[@]+"${opts[@]}"} >> sweep.log 2>&1 &
-    echo $! > sweep.pid
+    pid=$!  # the sweep itself: nohup and setsid exec it (this script's child, not a group leader)
+    echo $pid > sweep.pid
     # What the sweep refuses (a precision change, an unreachable store), it refuses within
     # seconds of starting: watch it that long, so that a refusal is not reported as a start.
+    # Its exit status says which it was: a refusal, or a piece (--cells) that was that short.
     for _ in $(seq 60); do running || break; sleep 1; done
     if ! running; then
+      if wait "$pid"; then
+        echo "the sweep has finished already (exit 0); the end of $STUDY/sweep.log:"
+        tail -n 1 sweep.log
+        exit 0
+      fi
       echo "the sweep stopped at once; the end of $STUDY/sweep.log:" >&2
       tail -n 3 sweep.log >&2
       exit 1
