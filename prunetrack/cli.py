@@ -204,7 +204,7 @@ def sweep(spec, parallel, executor, ray_address, dry_run, allow_precision_change
 @click.option("--untimed", is_flag=True,
               help="Only the runs without a timed_test_time yet: the cells a growing study finished since its "
                    "last pass. A pass over every run compares best; a study's last one should be.")
-@click.option("--precision", type=click.Choice(["trained", *config.PRECISIONS]), default="trained",
+@click.option("--precision", type=click.Choice(config.TIMING_PRECISIONS), default="trained",
               show_default=True,
               help="Arithmetic of the timed evaluations: each run's own (trained), or one for every run (auto: bf16 "
                    "where this device computes it natively, fp32 elsewhere). One for all compares runs that "

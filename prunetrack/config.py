@@ -31,6 +31,7 @@ SCHEDULES = ("exponential", "linear")
 PRUNE_MODES = ("eval", "train")
 OPTIMIZERS = ("adam", "sgd", "momentum", "rms")
 PRECISIONS = ("auto", "fp32", "bf16")
+TIMING_PRECISIONS = ("trained", *PRECISIONS)  # `prunetrack time --precision`: trained = each run's own
 
 REGISTRIES = {"datasets": DATASETS, "models": MODELS, "pruners": PRUNERS, "scopes": SCOPES,
               "schedules": SCHEDULES, "prune_modes": PRUNE_MODES, "optimizers": OPTIMIZERS,

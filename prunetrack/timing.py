@@ -32,10 +32,8 @@ import mlflow
 import torch
 
 from prunetrack import data, masking, measure, models, store, tracking, training
-from prunetrack.config import PRECISIONS
+from prunetrack.config import TIMING_PRECISIONS
 from prunetrack.progress import plural
-
-TIMING_PRECISIONS = ("trained", *PRECISIONS)
 
 
 @dataclass
@@ -141,7 +139,7 @@ def time_runs(experiment: str, rounds: int = 5, batch_size: int = 256, device: s
          f"batch {batch_size}, on {device_name(dev)}")
     emulated = [t for t in timed if t.precision == "bf16" and not training.native_bf16(dev)]
     if emulated:
-        echo(f"WARNING: {plural(len(emulated), 'run')} trained in bf16, which {device_name(dev)} only emulates (several "
+        echo(f"WARNING: {plural(len(emulated), 'run')} {'trained' if precision == 'trained' else 'timed'} in bf16, which {device_name(dev)} only emulates (several "
              "times slower than fp32): their times here are not those of a machine with native bf16, and the pass "
              "takes that much longer (--precision fp32 times every run in fp32)")
 

@@ -76,7 +76,6 @@ def test_one_precision_for_every_run_times_runs_trained_in_another_in_it(mlflow_
     assert [client.get_run(i).data.tags["timing.precision"] for i in (bf16, fp32)] == ["bf16", "fp32"]
     assert any(line.startswith("WARNING: 1 run trained in bf16") and "--precision fp32" in line for line in seen)
 
-    seen = []
     result = CliRunner().invoke(cli.cli, ["time", "--experiment", "timed", "--rounds", "1", "--batch-size", "50",
                                           "--device", "cpu", "--precision", "auto"])  # fp32: no native bf16
     assert result.exit_code == 0, result.output
