@@ -368,6 +368,14 @@ def test_cells_trained_in_another_precision_are_marked_where_their_accuracy_is_c
                             "change of precision.")
     grasp = next(line for line in findings.baseline_findings(s) if line.startswith("- GraSP against"))
     assert "10x 78.00% (-7.00, below by more than noise, trained in fp32)" in grasp
+    # Every cell compared at a ratio trained in the other precision: within the ratio the gaps hold
+    # one arithmetic, so no gap is said to include a change of precision.
+    both = [make_run("rand", 1, metrics={"test_accuracy": 85.0}), acc_run("rand", 80.0),
+            acc_run("rand", 81.0, c=5, precision="fp32"), acc_run("snip", 79.0, c=5, precision="fp32")]
+    ranking = findings.ranking_findings(study(both, pruners=("rand", "snip"), compressions=[1, 5, 10]))[1]
+    assert ranking.startswith("- At 5x") and "includes a change of precision" not in ranking
+    assert ranking.endswith("; both trained in fp32, not the study's bf16: one precision within this ratio, "
+                            "another than most cells of the others.")
     # One precision throughout: no mark, no note, no caveat.
     runs[3].tags["precision"] = "bf16"
     text = render.render(study(runs, pruners=("rand", "snip", "grasp")), str(tmp_path))

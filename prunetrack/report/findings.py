@@ -119,7 +119,13 @@ def precision_caveat(s: Study, cells: dict[str, list[Run]]) -> str:
     other = {p: ps for p, runs in cells.items() if (ps := s.other_precisions(runs))}
     if not other:
         return ""
-    used = join_words(sorted({x for ps in other.values() for x in ps}))
+    found = sorted({x for ps in other.values() for x in ps})
+    used = join_words(found)
+    if len(other) == len(cells) and len(found) == 1:
+        # No compared cell is in the study's precision: among themselves the gaps hold one
+        # arithmetic; what the precision changes is their comparison with the other ratios.
+        return (f"; {'both' if len(cells) == 2 else 'all'} trained in {used}, not the study's "
+                f"{s.precision}: one precision within this ratio, another than most cells of the others")
     return (f"; {join_words([pruner_label(p) for p in other])} trained in {used}, the "
             f"{'other' if len(cells) - len(other) == 1 else 'others'} in {s.precision}, so "
             f"{'its gap to the others includes' if len(other) == 1 else 'their gaps to the others include'} "
