@@ -376,6 +376,12 @@ def test_cells_trained_in_another_precision_are_marked_where_their_accuracy_is_c
     assert ranking.startswith("- At 5x") and "includes a change of precision" not in ranking
     assert ranking.endswith("; both trained in fp32, not the study's bf16: one precision within this ratio, "
                             "another than most cells of the others.")
+    # Seeds trained in the other precision beside a seed in the study's: the cells mix the two,
+    # so the clause does not call the ratio one precision.
+    mixed = both + [acc_run("rand", 80.5, seed=1, c=5), acc_run("snip", 79.5, seed=1, c=5)]
+    ranking = findings.ranking_findings(study(mixed, pruners=("rand", "snip"), compressions=[1, 5, 10]))[1]
+    assert ranking.endswith("; runs of Rand and SNIP trained in fp32, the rest in bf16, so their gaps include "
+                            "a change of precision.")
     # One precision throughout: no mark, no note, no caveat.
     runs[3].tags["precision"] = "bf16"
     text = render.render(study(runs, pruners=("rand", "snip", "grasp")), str(tmp_path))

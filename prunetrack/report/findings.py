@@ -115,19 +115,26 @@ def ranking_findings(s: Study) -> list[str]:
 
 def precision_caveat(s: Study, cells: dict[str, list[Run]]) -> str:
     """A clause for compared cells ({pruner: runs}) of which some trained in another precision
-    than the study's: the gaps between them include the change ("" when none did)."""
+    than the study's: the gaps between them include the change ("" when none did; when every
+    run trained in one other precision, the gaps hold one arithmetic and the clause says so)."""
     other = {p: ps for p, runs in cells.items() if (ps := s.other_precisions(runs))}
     if not other:
         return ""
-    found = sorted({x for ps in other.values() for x in ps})
-    used = join_words(found)
-    if len(other) == len(cells) and len(found) == 1:
-        # No compared cell is in the study's precision: among themselves the gaps hold one
-        # arithmetic; what the precision changes is their comparison with the other ratios.
+    used = join_words(sorted({x for ps in other.values() for x in ps}))
+    trained = {r.setting("precision") for runs in cells.values() for r in runs}
+    if len(trained) == 1:
+        # Every run of every compared cell in the same other precision (seeds included): among
+        # themselves the gaps hold one arithmetic; the change is against the other ratios.
         return (f"; {'both' if len(cells) == 2 else 'all'} trained in {used}, not the study's "
                 f"{s.precision}: one precision within this ratio, another than most cells of the others")
+    rest = len(cells) - len(other)
+    if not rest:
+        # Each cell has a run in another precision, and some run is in the study's: the cells
+        # mix precisions between seeds, so no cell is wholly in one to compare the rest with.
+        return (f"; runs of {join_words([pruner_label(p) for p in other])} trained in {used}, the rest in "
+                f"{s.precision}, so their gaps include a change of precision")
     return (f"; {join_words([pruner_label(p) for p in other])} trained in {used}, the "
-            f"{'other' if len(cells) - len(other) == 1 else 'others'} in {s.precision}, so "
+            f"{'other' if rest == 1 else 'others'} in {s.precision}, so "
             f"{'its gap to the others includes' if len(other) == 1 else 'their gaps to the others include'} "
             "a change of precision")
 
