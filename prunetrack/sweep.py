@@ -239,13 +239,19 @@ def dry_run_table(spec: Spec, plan: list[Cell], done: dict[str, str], parallel: 
     estimator = estimate.Estimator(tracking.speed_records(experiment or spec.experiment),
                                    {c.config.prune.pruner for c in plan if c.config_hash not in done}, echo=echo)
     states = cell_states(plan, done, estimator)
-    rows = [(c.key, c.name, state, clock(left or 0.0)) for c, state, left in states]
-    rows += [(c.key, c.name, "shared: computed by " + c.shared_with, clock(0)) for c in spec.cells if c.shared_with]
+    # "done after": from now until the cell would finish, the cells running in the plan's order
+    # (over `parallel` when several run at once: an approximation), so that a study run in
+    # pieces can be planned, e.g. how long until every cell of a table has a run.
+    rows, total = [], 0.0
+    for c, state, left in states:
+        total += left or 0.0
+        rows.append((c.key, c.name, state, clock(left or 0.0),
+                     "" if c.config_hash in done else clock(total / max(parallel, 1))))
+    rows += [(c.key, c.name, "shared: computed by " + c.shared_with, clock(0), "") for c in spec.cells if c.shared_with]
     # Columns as wide as their longest entry, so that long cell keys (overrides) stay aligned.
-    widths = [max(len(r[i]) for r in [("cell", "run name", "state", "")] + rows) for i in range(3)]
-    for row in [("cell", "run name", "state", "estimate")] + rows:
-        echo("  " + " ".join(f"{v:{w}s}" for v, w in zip(row, widths)) + f" {row[3]:>9s}")
-    total = sum(left or 0.0 for _, _, left in states)
+    widths = [max(len(r[i]) for r in [("cell", "run name", "state")] + rows) for i in range(3)]
+    for row in [("cell", "run name", "state", "estimate", "done after")] + rows:
+        echo("  " + " ".join(f"{v:{w}s}" for v, w in zip(row, widths)) + f" {row[3]:>9s} {row[4]:>10s}")
     for line in estimator.sources():
         echo("  " + line)
     checkpoint_dir = plan[0].config.run.checkpoint_dir if plan else ""

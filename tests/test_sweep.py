@@ -169,6 +169,14 @@ def test_dry_run_shows_partial_cells_and_checkpoints_no_cell_resumes(tmp_path, m
     assert "checkpoints: 2 saved, 4 MiB" in text
     stray = [line for line in lines if "no cell of this spec" in line]
     assert len(stray) == 1 and "0123456789abcdef (run bbbbbbbb, train epoch 2/10, 3 MiB)" in stray[0], text
+    # "done after" adds up the estimates in the order the cells run; the last is the total.
+    rows = [line.split() for line in lines if re.search(r" (pending|partial: epoch \d+ of \d+) ", line)]
+    assert len(rows) == 2, text
+    seconds = [[sum(int(x) * 60 ** i for i, x in enumerate(reversed(t.split(":")))) for t in row[-2:]]
+               for row in rows]
+    assert seconds[0][1] == seconds[0][0] and abs(seconds[1][1] - (seconds[0][0] + seconds[1][0])) <= 1, text
+    total = next(line for line in lines if line.startswith("estimated time for what is left:"))
+    assert total.split(": ")[1].split()[0] == rows[-1][-1], text
 
 
 def test_estimates_use_the_epochs_of_runs_of_the_same_training_on_the_same_device():
