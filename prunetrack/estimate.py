@@ -3,7 +3,8 @@
 The rates of each distinct (model, batch sizes, precision, device) come from the runs that
 already trained it on this kind of device, when the experiment has some: the median of
 their epochs' times. Otherwise a short probe times a few real training steps, one
-evaluation batch and one pruning round on random data of the dataset's shape. (A probe
+evaluation batch and one pruning round on random data of the dataset's shape; where the
+runs timed the training but not every pruner, only the other pruners' rounds are probed. (A probe
 taken while a sweep trains shares the cores with it, and overstates the time several-fold;
 the runs' own epochs do not.) A cell's estimate is its remaining epochs at those rates plus
 its pruning. Printed by `prunetrack sweep SPEC --dry-run`.
@@ -34,18 +35,9 @@ def probe(cfg: JobConfig, pruners: set[str], steps: int = 2) -> Rates:
     """Time `steps` training steps and evaluation batches of `cfg`'s model as jobs run them
     (channels-last, fused optimizer, the job's precision), and one scoring round of each
     pruner on the pruning batch size."""
-    from prunetrack.job import resolve_device
-
-    device = resolve_device(cfg.run.device)
+    device, model, batch = _probe_model(cfg)
     t = cfg.train
-    classes = 100 if cfg.data.dataset == "cifar100" else 10
-    model = training.prepare(masking.add_masks(models.get_model(cfg.model.model, classes)).to(device))
     opt, _ = training.make_optimizer(t.optimizer, model, t.lr, t.weight_decay, [], 0.1)
-
-    def batch(n):
-        x = torch.randn(n, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
-        return x, torch.randint(0, classes, (n,), device=device)
-
     x, y = batch(t.batch_size)
     model.train()
     # One warm-up (kernel choice, allocation), then `steps` timed between device syncs.
@@ -60,15 +52,39 @@ def probe(cfg: JobConfig, pruners: set[str], steps: int = 2) -> Rates:
             return float(model(xt).sum())
 
     test = measure.time_repeats(evaluate, repeats=steps, warmup=1, device=device).median
-    rounds = {}
+    return Rates(t.batch_size / train, t.test_batch_size / test, probe_rounds(cfg, pruners, (device, model, batch)))
+
+
+def probe_rounds(cfg: JobConfig, pruners: set[str], built: tuple | None = None) -> dict[str, float]:
+    """Seconds of one scoring round of each of `pruners` on `cfg`'s model and pruning batch
+    size: all a sweep needs to probe when earlier runs timed its training but not these pruners."""
+    device, model, batch = built or _probe_model(cfg)
+    classes = 100 if cfg.data.dataset == "cifar100" else 10
     pb = [batch(min(cfg.prune.prune_batch_size, cfg.prune.prune_per_class * classes))]
+    rounds = {}
     for name in sorted(pruners):
         if name not in pruning.PRUNERS:
             continue
         rounds[name] = measure.time_repeats(lambda name=name: pruning.prune(model, name, 2.0, pb, iterations=1),
                                             repeats=1, warmup=0, device=device).median
         masking.set_masks(model, {k: torch.ones_like(m) for k, m in masking.get_masks(model).items()})
-    return Rates(t.batch_size / train, t.test_batch_size / test, rounds)
+    return rounds
+
+
+def _probe_model(cfg: JobConfig):
+    """The device, `cfg`'s model with masks as a job prepares it, and a maker of random
+    batches of the dataset's shape."""
+    from prunetrack.job import resolve_device
+
+    device = resolve_device(cfg.run.device)
+    classes = 100 if cfg.data.dataset == "cifar100" else 10
+    model = training.prepare(masking.add_masks(models.get_model(cfg.model.model, classes)).to(device))
+
+    def batch(n):
+        x = torch.randn(n, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+        return x, torch.randint(0, classes, (n,), device=device)
+
+    return device, model, batch
 
 
 def measured(cfg: JobConfig, records: list[dict], device: str, precision: str) -> tuple[Rates, str] | None:
@@ -142,14 +158,15 @@ class Estimator:
         if key not in self.rates:
             device = resolve_device(cfg.run.device)
             found = measured(cfg, self.records, device_name(device), training.resolve_precision(cfg.train.precision, device))
-            if self.probe and (found is None or not self.pruners <= found[0].prune_round.keys()):
+            if self.probe and found is None:
                 self.echo(f"  (probing {cfg.model.model} on {cfg.run.device}, batch {cfg.train.batch_size}, "
                           f"{cfg.train.precision} ...)")
-                probed = probe(cfg, self.pruners)
-                if found is None:
-                    found = probed, "a probe of 2 steps"
-                else:  # the runs' rates; the probe's rounds for the pruners no run used
-                    found[0].prune_round = {**probed.prune_round, **found[0].prune_round}
+                found = probe(cfg, self.pruners), "a probe of 2 steps"
+            elif self.probe and not self.pruners <= found[0].prune_round.keys():
+                # The runs' rates; a probe only of the rounds of the pruners no run here used.
+                missing = self.pruners - found[0].prune_round.keys()
+                self.echo(f"  (probing a pruning round of {', '.join(sorted(missing))} on {cfg.model.model} ...)")
+                found[0].prune_round = {**probe_rounds(cfg, missing), **found[0].prune_round}
             self.rates[key] = found
         return self.rates[key][0] if self.rates[key] else None
 

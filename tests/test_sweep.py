@@ -225,6 +225,29 @@ def test_a_pretraining_that_stops_on_patience_is_estimated_at_the_epochs_earlier
         JobConfig.from_flat(dict(dataset="cifar10", model="vgg16_bn", pre_epochs=200, pre_patience=0))) is None
 
 
+def test_runs_that_timed_the_training_leave_only_the_missing_pruning_rounds_to_probe():
+    """Where earlier runs timed the training but not every pruner of the sweep, the estimate
+    keeps their rates and probes a scoring round of the others only (no training steps,
+    which would share the cores with a sweep in progress)."""
+    from prunetrack import estimate, training
+    from prunetrack.config import JobConfig
+    from prunetrack.job import device_name, resolve_device
+
+    cfg = JobConfig.from_flat(dict(dataset="cifar10", model="resnet20", pruner="rand", device="cpu"))
+    device = resolve_device("cpu")
+    tags = {"model": "resnet20", "dataset": "cifar10", "device": device_name(device),
+            "precision": training.resolve_precision("auto", device), "pruner": "snip"}
+    params = {"batch_size": "256", "test_batch_size": "256", "optimizer": "adam", "train_subset": "0",
+              "test_subset": "0", "iterations": "1"}
+    job = {"tags": tags, "params": params, "epoch_times": [100.0] * 3,
+           "metrics": {"test_images_per_sec": 1000.0, "pruning_time": 3.0}}
+    said: list[str] = []
+    rates = estimate.Estimator([job], {"snip", "rand"}, echo=said.append).rates_for(cfg)
+    assert rates.train == 500.0 and rates.test == 1000.0  # the run's, not a probe's
+    assert rates.prune_round["snip"] == 3.0 and rates.prune_round["rand"] > 0
+    assert said == ["  (probing a pruning round of rand on resnet20 ...)"]
+
+
 def test_study_specs_cover_the_study():
     missing = [p for p in ("rand", "mag", "snip", "grasp", "synflow") if p not in pruning.PRUNERS]
     if missing:
