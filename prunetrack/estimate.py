@@ -35,7 +35,7 @@ def probe(cfg: JobConfig, pruners: set[str], steps: int = 2) -> Rates:
     """Time `steps` training steps and evaluation batches of `cfg`'s model as jobs run them
     (channels-last, fused optimizer, the job's precision), and one scoring round of each
     pruner on the pruning batch size."""
-    device, model, batch = _probe_model(cfg)
+    device, model, batch, classes = _probe_model(cfg)
     t = cfg.train
     opt, _ = training.make_optimizer(t.optimizer, model, t.lr, t.weight_decay, [], 0.1)
     x, y = batch(t.batch_size)
@@ -52,14 +52,13 @@ def probe(cfg: JobConfig, pruners: set[str], steps: int = 2) -> Rates:
             return float(model(xt).sum())
 
     test = measure.time_repeats(evaluate, repeats=steps, warmup=1, device=device).median
-    return Rates(t.batch_size / train, t.test_batch_size / test, probe_rounds(cfg, pruners, (device, model, batch)))
+    return Rates(t.batch_size / train, t.test_batch_size / test, probe_rounds(cfg, pruners, (device, model, batch, classes)))
 
 
 def probe_rounds(cfg: JobConfig, pruners: set[str], built: tuple | None = None) -> dict[str, float]:
     """Seconds of one scoring round of each of `pruners` on `cfg`'s model and pruning batch
     size: all a sweep needs to probe when earlier runs timed its training but not these pruners."""
-    device, model, batch = built or _probe_model(cfg)
-    classes = 100 if cfg.data.dataset == "cifar100" else 10
+    device, model, batch, classes = built or _probe_model(cfg)
     pb = [batch(min(cfg.prune.prune_batch_size, cfg.prune.prune_per_class * classes))]
     rounds = {}
     for name in sorted(pruners):
@@ -72,8 +71,8 @@ def probe_rounds(cfg: JobConfig, pruners: set[str], built: tuple | None = None) 
 
 
 def _probe_model(cfg: JobConfig):
-    """The device, `cfg`'s model with masks as a job prepares it, and a maker of random
-    batches of the dataset's shape."""
+    """The device, `cfg`'s model with masks as a job prepares it, a maker of random batches
+    of the dataset's shape, and its number of classes."""
     from prunetrack.job import resolve_device
 
     device = resolve_device(cfg.run.device)
@@ -84,7 +83,7 @@ def _probe_model(cfg: JobConfig):
         x = torch.randn(n, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
         return x, torch.randint(0, classes, (n,), device=device)
 
-    return device, model, batch
+    return device, model, batch, classes
 
 
 def measured(cfg: JobConfig, records: list[dict], device: str, precision: str) -> tuple[Rates, str] | None:
