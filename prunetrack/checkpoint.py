@@ -126,6 +126,17 @@ class Checkpoint:
             json.dump(summary, f)
         os.replace(self.progress_path + ".tmp", self.progress_path)
 
+    def progress(self) -> dict[str, Any] | None:
+        """Where the saved state stands ({phase, epoch, epochs, run_id}), read from the few
+        bytes beside it; None when there is no saved state."""
+        if not os.path.isfile(self.path):
+            return None
+        try:
+            with open(self.progress_path) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
     def clear(self) -> None:
         """Forget the saved state (keep the folder and its lock while we hold it)."""
         for name in ("state.pt", "state.pt.tmp", PROGRESS):
@@ -201,11 +212,4 @@ def saved(checkpoint_dir: str = "") -> dict[str, tuple[int, dict[str, Any] | Non
 def peek(checkpoint_dir: str, key: str) -> dict[str, Any] | None:
     """Where a configuration's saved state stands ({phase, epoch, epochs, run_id}), read
     without taking the lock; None when it has none."""
-    folder = os.path.join(root(checkpoint_dir), key)
-    if not os.path.isfile(os.path.join(folder, "state.pt")):
-        return None
-    try:
-        with open(os.path.join(folder, PROGRESS)) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
+    return Checkpoint(checkpoint_dir, key).progress()

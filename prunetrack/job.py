@@ -8,6 +8,7 @@ epoch, in the same MLflow run.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import random
@@ -172,6 +173,13 @@ def train_phase(s: Setup, cfg: JobConfig, ckpt: checkpoint.Checkpoint, state: di
         except training.Diverged as e:  # the run ends FAILED (job_run); the tag and the loss show why
             tracking.log_tags({"diverged": e.epoch})
             tracking.log_metrics({"train_loss": e.loss}, e.epoch)
+            raise
+        except KeyboardInterrupt:  # Ctrl-C, SIGTERM, the sweep gone: say what is kept, not just "Aborted!"
+            held = ckpt.progress() or {"epoch": start, "epochs": epochs}
+            with contextlib.suppress(OSError):  # the stream may be the pipe of a sweep that died
+                print(f"{phase}: stopped; the checkpoint in {ckpt.folder} holds {phase} epoch {held['epoch']}/"
+                      f"{held['epochs']}{' (before any training)' if held['epoch'] == 0 else ''}: running the "
+                      f"same job again resumes from there", file=sys.stderr, flush=True)
             raise
     if stopped(history[-1]["epoch"] if history else 0):
         print(f"{phase}: the test loss has not improved for {progress.plural(patience, 'epoch')} since epoch "

@@ -132,7 +132,8 @@ def run_sweep(spec: Spec, parallel: int = 1, executor: str = "local", ray_addres
             stream = run_local(todo, envs, parallel, progress.started)
         else:
             stream = run_ray(todo, envs, ray_address, progress.started)
-        with _close_cells_left_running(experiment, parent.info.run_id), contextlib.closing(stream):
+        with _close_cells_left_running(experiment, parent.info.run_id, spec.name, results, echo), \
+                contextlib.closing(stream):
             for result in stream:
                 # The cell's run, by its tags (a resumed run may have been created by an earlier sweep).
                 result.run_id = tracking.find_cell_run(
@@ -164,18 +165,25 @@ def run_sweep(spec: Spec, parallel: int = 1, executor: str = "local", ray_addres
 
 
 @contextlib.contextmanager
-def _close_cells_left_running(experiment: str, parent_run_id: str):
+def _close_cells_left_running(experiment: str, parent_run_id: str, name: str, results: list[Result],
+                              echo: Callable[[str], None]):
     """On an interruption, once the cells have stopped (closing the stream waits for them):
     close the runs of those that could not close their own (SIGKILLed when their grace ran
     out, e.g. an artifact upload to a slow server), so that a stopped sweep leaves no run
-    RUNNING."""
+    RUNNING; on a stop (Ctrl-C, SIGTERM), say what it leaves for the next run."""
     try:
         yield
-    except BaseException:
+    except BaseException as e:
         with interrupts.closing():
             for run_id in tracking.running_children(experiment, parent_run_id):
                 tracking.end_if_running(run_id, "KILLED", "the sweep was stopped, and its cell's process ended "
                                         "before it closed its run")
+            if isinstance(e, KeyboardInterrupt):
+                with contextlib.suppress(OSError):  # a terminal that is gone
+                    echo(f"sweep {name} stopped ({interrupts.cause(e)}): "
+                         f"{plural(sum(r.status == 'finished' for r in results), 'cell')} finished before the stop; "
+                         f"a cell stopped in training keeps its checkpoint: the same command runs the cells left, "
+                         f"resuming it")
         raise
 
 

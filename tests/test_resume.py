@@ -56,9 +56,14 @@ def test_interrupted_job_resumes_in_the_same_run_with_the_same_weights(mlflow_st
         real_log(metrics, step)
 
     monkeypatch.setattr(tracking, "log_metrics", interrupt)
+    capsys.readouterr()
     with pytest.raises(KeyboardInterrupt):
         run_job(_job(**cfg))
     monkeypatch.setattr(tracking, "log_metrics", real_log)
+    # The user is told what the stop kept and how to go on.
+    folder = os.path.join(checkpoint.root(), job.resolve(_job(**cfg)).config_hash())
+    assert (f"train: stopped; the checkpoint in {folder} holds train epoch 2/4: running the same job again "
+            f"resumes from there") in capsys.readouterr().err
     client = mlflow.MlflowClient()
     killed = [r for r in client.search_runs([r.info.experiment_id for r in [client.get_run(straight)]])
               if r.info.run_id != straight][0]

@@ -634,6 +634,8 @@ def test_sigterm_to_a_parallel_sweep_stops_its_cells_then_its_server(tmp_path, m
     assert not left, f"a stopped sweep left runs RUNNING: {left}\n{log}"
     assert [r.info.status for r in children()] == ["KILLED", "KILLED"], log
     assert [r.info.status for r in parents()] == ["KILLED"]
+    assert ("sweep term stopped (SIGTERM): 0 cells finished before the stop; a cell stopped in training keeps its "
+            "checkpoint: the same command runs the cells left, resuming it") in log
     _wait(lambda: not _marked(mark), 15, f"processes left behind: {_marked(mark)}")
 
 
