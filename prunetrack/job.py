@@ -301,7 +301,9 @@ def run_job(cfg: JobConfig, device: torch.device | None = None) -> str:
             history = train_phase(s, cfg, ckpt, state, run_id, "train", t.post_epochs, pruned)
 
             # 4. Final measurements: accuracy, testing time, FLOPs, parameters, per-layer table, histograms.
-            measure_and_log(s, cfg, device, name, pruned, training_time=sum(h["epoch_time"] for h in history))
+            final = measure_and_log(s, cfg, device, name, pruned,
+                                    training_time=sum(h["epoch_time"] for h in history))
+            tracking.describe(description(cfg, training.resolve_precision(t.precision, device), init_from, final))
         # The run ended FINISHED: nothing left to resume.
         ckpt.delete()
         return run_id
@@ -369,7 +371,8 @@ def prune(s: Setup, cfg: JobConfig, device: torch.device) -> dict:
 
 
 def measure_and_log(s: Setup, cfg: JobConfig, device: torch.device, name: str, pruned: dict,
-                    training_time: float) -> None:
+                    training_time: float) -> dict:
+    """Measure the trained network and log what it is; returns the final metrics."""
     t = cfg.train
     # The warm-up evaluation gives the accuracy; the timed repeats give test_time.
     timing = measure.time_repeats(lambda: training.evaluate(s.net, s.test_batches, t.precision),
@@ -379,7 +382,7 @@ def measure_and_log(s: Setup, cfg: JobConfig, device: torch.device, name: str, p
     layer_density = measure.densities(s.model)
     flops_effective = flops.effective_total(layer_density)
     prunable, remaining = masking.count(s.model)
-    tracking.log_metrics({
+    metrics = {
         # test_top5 and test_loss keep their last per-epoch values (same model, same data).
         "test_accuracy": final["top1"],
         # The spread of the repeats and the threads beside the median: on a shared machine
@@ -394,7 +397,8 @@ def measure_and_log(s: Setup, cfg: JobConfig, device: torch.device, name: str, p
         "params_remaining": remaining, "density": remaining / prunable,
         "compression_actual": prunable / max(remaining, 1), "pruning_time": pruned["pruning_time"],
         "training_time": training_time,
-    })
+    }
+    tracking.log_metrics(metrics)
     if device.type == "cuda":  # the whole job's, training included: what a GPU must hold for it
         tracking.log_metrics({"peak_gpu_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20})
     rows = measure.layer_rows(s.model, flops)
@@ -406,3 +410,22 @@ def measure_and_log(s: Setup, cfg: JobConfig, device: torch.device, name: str, p
     print(f"test time {timing.median:.3f}s (median of {len(timing.times)}), "
           f"{flops_effective / 1e9:.4g} of {flops.total / 1e9:.4g} GFLOPs per image", flush=True)
     print(f"done: test top-1 {final['top1']:.2f}%", flush=True)
+    return metrics
+
+
+def description(cfg: JobConfig, precision: str, init_from: str, m: dict) -> str:
+    """What a finished run is and what it found, in a sentence (the run's Description in the
+    MLflow UI); `m` holds its final metrics."""
+    p, t = cfg.prune, cfg.train
+    ablations = [a for a in ("shuffle", "reinit", "invert") if getattr(p, a)]
+    start = (f"the weights of pre-training run {init_from}" if t.pre_epochs else
+             f"the weights of {init_from}" if init_from else "a fresh initialization")
+    return (f"{cfg.model.model} on {cfg.data.dataset} from {start}, pruned {p.compression:g}x by {p.pruner} "
+            f"({p.scope} scope, {progress.plural(p.iterations, 'round')}"
+            f"{', ablation: ' + ', '.join(ablations) if ablations else ''}), then trained "
+            f"{progress.plural(t.post_epochs, 'epoch')} ({t.optimizer}, lr {t.lr:g}, {precision}): "
+            f"**test top-1 {m['test_accuracy']:.2f}%**, {int(m['params_remaining']):,} of "
+            f"{int(m['params_prunable']):,} prunable weights kept, {m['flops_effective'] / 1e6:.1f} of "
+            f"{m['flops_dense'] / 1e6:.1f} MFLOPs per image.\n\n"
+            "Artifacts: `masks.pt` (`prunetrack.load_masks`), `layers.json` (the per-layer table), "
+            "`layer_density.png`, `weight_histograms.png` (numbers in `histograms.json`), `config.yaml`.")

@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from prunetrack import checkpoint, data, masking, store, tracking
+from prunetrack import checkpoint, data, masking, progress, store, tracking
 from prunetrack.config import PRETRAIN_FIELDS, JobConfig
 
 
@@ -74,6 +74,13 @@ def run_pretrain(cfg: JobConfig, device: torch.device, experiment: str, ckpt: ch
                               "best_test_loss": best["test_loss"], "best_test_top1": best["test_top1"],
                               "pretraining_time": sum(h["epoch_time"] for h in history)})
         tracking.log_tags({"stopped": "patience" if len(history) < t.pre_epochs else "pre_epochs"})
+        tracking.describe(
+            f"Pre-training of {cfg.model.model} on {cfg.data.dataset} (seed {cfg.run.seed}), shared by every "
+            f"cell that prunes trained weights (Magnitude): {progress.plural(len(history), 'epoch')} of at most "
+            f"{t.pre_epochs}" + (f", stopped once the test loss had not improved for {t.pre_patience}"
+                                 if len(history) < t.pre_epochs else "")
+            + f"; `weights.pt` holds epoch {best['epoch']} (test loss {best['test_loss']:.4f}, top-1 "
+            f"{best['test_top1']:.2f}%).")
         weights = {k: v for k, v in s.model.state_dict().items() if not masking.is_mask_key(k)}
         tracking.log_weights(weights)
         print(f"pre-training done: {len(history)} epochs, weights of epoch {best['epoch']} "

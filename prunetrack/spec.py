@@ -61,6 +61,7 @@ class Spec:
     experiment: str
     cells: list[Cell]
     text: str         # the file as written, logged with the parent run
+    description: str = ""  # the spec's `description`, the parent run's Description in the MLflow UI
 
     def plan(self, done=frozenset()) -> list[Cell]:
         """What runs, in order: the cells (skipping those another cell computes), each
@@ -113,6 +114,9 @@ def parse_spec(raw: Any, default_name: str = "sweep", text: str = "") -> Spec:
     for key, value in (("name", name), ("experiment", experiment)):
         if not isinstance(value, str) or not value.strip():
             raise SpecError(f"{key} must be a non-empty string, got {value!r}")
+    description = raw.get("description") or ""
+    if not isinstance(description, str):
+        raise SpecError(f"description must be a string (markdown), got {description!r}")
 
     base = _values(raw.get("base") or {}, "base")
     grid_raw = raw.get("grid") or {}
@@ -157,7 +161,7 @@ def parse_spec(raw: Any, default_name: str = "sweep", text: str = "") -> Spec:
             raise SpecError(f"cells {seen[cell.config_hash]} and {cell.key} have the same configuration "
                             f"(a repeated grid value, or an override that undoes an axis)")
         seen[cell.config_hash] = cell.key
-    return Spec(name=name, experiment=experiment, cells=cells, text=text)
+    return Spec(name=name, experiment=experiment, cells=cells, text=text, description=description.strip())
 
 
 def _grid(raw: Any, where: str) -> dict[str, list]:

@@ -125,6 +125,9 @@ def run_sweep(spec: Spec, parallel: int = 1, executor: str = "local", ray_addres
             tracking.job_run(experiment, f"sweep-{spec.name}",
                              tags={"sweep": spec.name, "sweep_host": host, "sweep_pid": os.getpid()}) as parent:
         tracking.log_text(spec.text or yaml.safe_dump({"name": spec.name}), "sweep.yaml")
+        about = spec.description + "\n\n" if spec.description else ""
+        tracking.describe(f"{about}Sweep {spec.name}: {len(todo)} of {plural(len(plan), 'cell')} to run as it started "
+                          f"({len(skipped)} finished before).")
         envs = {c.key: cell_env(c, spec.name, parent.info.run_id, uri) for c in todo}
         progress = _Progress(len(plan), len(skipped), len(todo), start, echo,
                              _estimates(todo, experiment), parallel if executor == "local" else 1)
@@ -156,6 +159,7 @@ def run_sweep(spec: Spec, parallel: int = 1, executor: str = "local", ray_addres
         for r in summary.failed:
             tracking.log_text(r.output, f"failed/{r.cell.name}.log")
         echo(summary.line())
+        tracking.describe(f"{about}{summary.line()}; the `cells` table lists each cell's run.")
         for r in summary.failed:
             tail = "\n".join("      " + line for line in r.output.rstrip().splitlines()[-8:])
             echo(f"  failed: {r.cell.key} ({r.cell.name}, run {r.run_id or 'not created'}):\n{tail}")

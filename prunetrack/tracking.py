@@ -254,6 +254,15 @@ def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
 
+DESCRIPTION_TAG = "mlflow.note.content"  # the run's Description, at the top of its page in the MLflow UI
+
+
+def describe(text: str) -> None:
+    """Set the active run's description (markdown): what the run is and what it found, in a
+    sentence, for whoever browses the runs."""
+    mlflow.set_tag(DESCRIPTION_TAG, text)
+
+
 def log_masks(masks: dict[str, torch.Tensor]) -> None:
     """Log the masks as `masks.pt` (one bit per weight); `prunetrack.load_masks`
     reads them back from `runs:/<run_id>`."""

@@ -47,6 +47,14 @@ def test_job_logs_the_whole_run(mlflow_store, monkeypatch):
     assert m["test_time_min"] <= m["test_time"] <= m["test_time_max"] and m["test_time_threads"] >= 1
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"config.yaml", "masks.pt", "layers.json"} <= artifacts
+    # The run's Description in the UI: what it is, its result, and artifacts that are there.
+    about = t["mlflow.note.content"]
+    assert about.startswith("resnet20 on synthetic from a fresh initialization, pruned 10x by mag (global scope, "
+                            "1 round), then trained 2 epochs (adam, lr 0.001, fp32)")
+    assert f"**test top-1 {m['test_accuracy']:.2f}%**" in about
+    assert f"{int(m['params_remaining']):,} of {int(prunable):,} prunable weights kept" in about
+    named = set(re.findall(r"`([\w.]+\.(?:pt|json|png|yaml))`", about))
+    assert len(named) == 6 and named <= artifacts, named - artifacts
     # MLflow's system metrics, shown in the run's System metrics tab.
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(m)
 
@@ -73,6 +81,9 @@ def test_pretraining_is_a_run_of_its_own_then_fresh_training(mlflow_store):
     assert pre.info.status == "FINISHED" and pre.data.tags["prunetrack.kind"] == "pretrain"
     assert [m.step for m in client.get_metric_history(pre.info.run_id, "train_loss")] == [1, 2]
     assert "weights.pt" in {a.path for a in client.list_artifacts(pre.info.run_id)}
+    assert pre.data.tags["mlflow.note.content"].startswith("Pre-training of resnet20 on synthetic (seed 0)")
+    assert "2 epochs of at most 2; `weights.pt` holds epoch 2" in pre.data.tags["mlflow.note.content"]
+    assert f"from the weights of pre-training run {pre.info.run_id}" in run.data.tags["mlflow.note.content"]
     assert [m.step for m in client.get_metric_history(run_id, "train_loss")] == [1]
 
 

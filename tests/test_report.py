@@ -197,6 +197,8 @@ def test_figures_are_valid_pngs_and_logged_to_a_report_run(study):
     assert len(reports) == 1 and reports[0].info.status == "FINISHED"
     logged = {a.path for a in client.list_artifacts(reports[0].info.run_id)}
     assert logged == expected | {"REPORT.md", "REPORT.html"}
+    assert reports[0].data.tags["mlflow.note.content"].startswith("The report `tiny` of experiment `study`: "
+                                                                 "`REPORT.html` (one page, figures inline)")
     local = client.download_artifacts(reports[0].info.run_id, "REPORT.md", str(study["root"]))
     assert open(local).read() == study["text"]
     # The page MLflow's artifact viewer shows: tables as tables, every figure inlined, links that resolve.

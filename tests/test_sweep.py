@@ -26,10 +26,12 @@ TINY = dict(dataset="synthetic", model="resnet20", post_epochs=1, train_subset=2
             batch_size=100, test_batch_size=100, device="cpu")
 
 
-def write_spec(tmp_path, grid, name="t", base=None, overrides=None, experiment="sweeps") -> str:
+def write_spec(tmp_path, grid, name="t", base=None, overrides=None, experiment="sweeps", description=None) -> str:
     raw = {"name": name, "experiment": experiment, "base": {**TINY, **(base or {})}, "grid": grid}
     if overrides:
         raw["overrides"] = overrides
+    if description is not None:
+        raw["description"] = description
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return str(path)
@@ -73,6 +75,7 @@ def test_spec_errors_name_the_bad_key(tmp_path):
     assert "cell pruner=nope" in msg and "unknown pruner 'nope'" in msg and "rand" in msg
     assert "compression must be >= 1" in bad(tmp_path, {"grid": {"compression": [0.5]}})
     assert "same configuration" in bad(tmp_path, {"grid": {"seed": [1, 1]}})
+    assert "description must be a string" in bad(tmp_path, {"description": ["a", "list"]})
 
 
 def test_non_finite_values_are_refused_naming_the_cell():
@@ -333,7 +336,7 @@ def test_killed_sweep_resumes_only_missing_cells(tmp_path, mlflow_store):
 
 
 def test_max_cells_runs_a_piece_of_the_sweep_and_the_next_run_goes_on(tmp_path, mlflow_store):
-    path = write_spec(tmp_path, {"compression": [10, 2]}, name="piece")
+    path = write_spec(tmp_path, {"compression": [10, 2]}, name="piece", description="Rand at **10x** and 2x.\n")
     result = CliRunner().invoke(cli.cli, ["sweep", path, "--max-cells", "0"])
     assert result.exit_code == 2 and "--max-cells" in result.output
     result = CliRunner().invoke(cli.cli, ["sweep", path, "--max-cells", "1"])
@@ -345,6 +348,10 @@ def test_max_cells_runs_a_piece_of_the_sweep_and_the_next_run_goes_on(tmp_path, 
     assert [(r.data.tags["cell"], r.info.status) for r in children()] == [("compression=10", "FINISHED")]
     [parent] = parents()
     assert parent.info.status == "FINISHED" and parent.data.metrics["cells_later"] == 1
+    # The parent's Description in the UI: the spec's own, then what this piece did.
+    [line] = [line for line in result.output.splitlines() if line.startswith("sweep piece: 2 cells:")]
+    assert parent.data.tags["mlflow.note.content"] == (
+        f"Rand at **10x** and 2x.\n\n{line}; the `cells` table lists each cell's run.")
 
     summary = sweep.run_sweep(specs.load_spec(path), max_cells=5, echo=lambda line: None)
     assert [(r.cell.key, r.status) for r in summary.results] == [("compression=10", "skipped"),

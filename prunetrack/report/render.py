@@ -268,6 +268,8 @@ def log_report_run(experiment: str, name: str, folder: str, page: str) -> str:
         tracking.log_tags({KIND_TAG: "report", "report.experiment": experiment, "report.name": name})
         tracking.log_folder(folder)
         tracking.log_text(page, "REPORT.html")
+        tracking.describe(f"The report `{name}` of experiment `{experiment}`: `REPORT.html` (one page, figures "
+                          f"inline) and `REPORT.md` with its figures, as written to {folder}.")
         here = MlflowClient().get_experiment(run.info.experiment_id).name
         if here != experiment:  # `mlflow run` without --experiment-name logs to its own experiment
             print(f"report run {run.info.run_id} is in experiment {here!r}; pass --experiment-name "
