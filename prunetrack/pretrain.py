@@ -77,7 +77,7 @@ def run_pretrain(cfg: JobConfig, device: torch.device, experiment: str, ckpt: ch
         tracking.describe(
             f"Pre-training of {cfg.model.model} on {cfg.data.dataset} (seed {cfg.run.seed}), shared by every "
             f"cell that prunes trained weights (Magnitude): {progress.plural(len(history), 'epoch')} of at most "
-            f"{t.pre_epochs}" + (f", stopped once the test loss had not improved for {t.pre_patience}"
+            f"{t.pre_epochs}" + (f", stopped once the test loss had not improved for {progress.plural(t.pre_patience, 'epoch')}"
                                  if len(history) < t.pre_epochs else "")
             + f"; `weights.pt` holds epoch {best['epoch']} (test loss {best['test_loss']:.4f}, top-1 "
             f"{best['test_top1']:.2f}%).")
