@@ -241,6 +241,8 @@ def test_pretraining_stops_when_the_test_loss_stops_improving(mlflow_store, monk
     # Best at epoch 2; epochs 3 and 4 do not improve on it: stop after epoch 4.
     assert run.data.metrics["epochs_run"] == 4 and run.data.metrics["best_epoch"] == 2
     assert run.data.tags["stopped"] == "patience"
+    assert ("4 epochs of at most 6, stopped once the test loss had not improved for 2 epochs; `weights.pt` holds "
+            "epoch 2 (test loss 1.0000") in run.data.tags["mlflow.note.content"]
 
 
 def test_dense_cell_is_one_configuration(mlflow_store):
