@@ -122,6 +122,16 @@ def test_pretraining_that_ran_all_its_epochs():
         "20 epochs (`pre_patience`); the pruned weights are those of epoch 196 (best test loss 0.4123, top-1 88.50%).")
 
 
+def test_a_pretraining_repeated_in_another_precision_is_not_called_noise():
+    first, again = pretrain("patience", 18, 13), pretrain("patience", 20, 15)
+    first.tags.update(precision="bf16", **{"prunetrack.imported_from": "0ld"})
+    again.id, again.tags["precision"] = "5ec0nd00", "fp32"
+    text = findings.repeat_sentence(first, again)
+    assert "They trained in different precisions (bf16, then fp32" in text and "noise" not in text
+    again.tags["precision"] = "bf16"  # the same arithmetic: the curves decide
+    assert "They differ, by at most" in findings.repeat_sentence(first, again)
+
+
 def test_a_dense_run_that_repeats_the_pretraining_is_compared_with_it():
     pre = pretrain("patience", 12, 8)
     pre.params.update(optimizer="adam", lr="0.001", batch_size="128", weight_decay="0.0", lr_drops="")
