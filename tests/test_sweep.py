@@ -736,8 +736,12 @@ def test_a_stopped_sweep_closes_the_runs_its_cells_could_not(mlflow_store):
     parent = client.create_run(exp, run_name="sweep-t")
     cell = client.create_run(exp, run_name="cell", tags={"mlflow.parentRunId": parent.info.run_id})
     other = client.create_run(exp, run_name="not ours")  # another sweep's, say: left alone
-    with pytest.raises(KeyboardInterrupt), sweep._close_cells_left_running("sweeps", parent.info.run_id):
+    said: list[str] = []
+    with pytest.raises(KeyboardInterrupt), sweep._close_cells_left_running("sweeps", parent.info.run_id, "t", [],
+                                                                           said.append):
         raise KeyboardInterrupt
+    assert said == ["sweep t stopped (SIGINT): 0 cells finished before the stop; a cell stopped in training keeps "
+                    "its checkpoint: the same command runs the cells left, resuming it"]
     assert client.get_run(cell.info.run_id).info.status == "KILLED"
     assert "ended before it closed its run" in client.get_run(cell.info.run_id).data.tags["error"]
     assert client.get_run(other.info.run_id).info.status == "RUNNING"
