@@ -22,6 +22,7 @@ import mlflow
 import torch
 import yaml
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
 from prunetrack import interrupts, masking, store
 
@@ -254,7 +255,7 @@ def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
 
-DESCRIPTION_TAG = "mlflow.note.content"  # the run's Description, at the top of its page in the MLflow UI
+DESCRIPTION_TAG = MLFLOW_RUN_NOTE  # "mlflow.note.content": the run's Description at the top of its page in the UI
 
 
 def describe(text: str) -> None:
