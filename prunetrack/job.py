@@ -420,9 +420,10 @@ def description(cfg: JobConfig, precision: str, init_from: str, m: dict) -> str:
     ablations = [a for a in ("shuffle", "reinit", "invert") if getattr(p, a)]
     start = (f"the weights of pre-training run {init_from}" if t.pre_epochs else
              f"the weights of {init_from}" if init_from else "a fresh initialization")
-    return (f"{cfg.model.model} on {cfg.data.dataset} from {start}, pruned {p.compression:g}x by {p.pruner} "
-            f"({p.scope} scope, {progress.plural(p.iterations, 'round')}"
-            f"{', ablation: ' + ', '.join(ablations) if ablations else ''}), then trained "
+    pruned = ("not pruned (compression 1: the dense network)" if cfg.dense() else
+              f"pruned {p.compression:g}x by {p.pruner} ({p.scope} scope, {progress.plural(p.iterations, 'round')}"
+              f"{', ablation: ' + ', '.join(ablations) if ablations else ''})")
+    return (f"{cfg.model.model} on {cfg.data.dataset} from {start}, {pruned}, then trained "
             f"{progress.plural(t.post_epochs, 'epoch')} ({t.optimizer}, lr {t.lr:g}, {precision}): "
             f"**test top-1 {m['test_accuracy']:.2f}%**, {int(m['params_remaining']):,} of "
             f"{int(m['params_prunable']):,} prunable weights kept, {m['flops_effective'] / 1e6:.1f} of "

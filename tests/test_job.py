@@ -65,6 +65,18 @@ def test_job_logs_the_whole_run(mlflow_store, monkeypatch):
     assert masking.count(model) == (prunable, m["params_remaining"])
 
 
+def test_description_names_the_dense_network_and_the_ablations():
+    from prunetrack import job
+
+    m = {"test_accuracy": 91.234, "params_remaining": 1000.0, "params_prunable": 1000.0, "flops_effective": 2e6,
+         "flops_dense": 2e6}
+    dense = job.description(job.resolve(_job(pruner="snip", compression=1)), "bf16", "", m)
+    assert dense.startswith("resnet20 on synthetic from a fresh initialization, not pruned (compression 1: the "
+                            "dense network), then trained 1 epoch (adam, lr 0.001, bf16): **test top-1 91.23%**")
+    ablated = job.description(job.resolve(_job(compression=2, shuffle=True, invert=True)), "fp32", "abc123", m)
+    assert "from the weights of abc123, pruned 2x by mag (global scope, 1 round, ablation: shuffle, invert)" in ablated
+
+
 def test_same_seed_same_run(mlflow_store):
     a = load_masks(f"runs:/{run_job(_job(pruner='rand', post_epochs=1))}")
     b = load_masks(f"runs:/{run_job(_job(pruner='rand', post_epochs=1))}")
