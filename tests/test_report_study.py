@@ -8,7 +8,8 @@ import os
 from test_report import check_png
 from test_report_split import make_run, rows
 
-from prunetrack.report import Pretrain, ReportOptions, assemble, findings, render, tables
+from prunetrack.report import Pretrain, ReportOptions, assemble, figures, findings, render, tables
+from prunetrack.report.records import ACCURACY, FLOPS
 
 PRE_ID = "feedface" + "0" * 24
 
@@ -206,6 +207,34 @@ def test_a_cell_timed_on_another_machine_or_precision_is_marked_in_table_3():
     assert text.count("§") == 2  # the cell and its note, under Table 3 only
     runs[2].tags.update({k: runs[0].tags[k] for k in ("timing.device", "timing.precision")})
     assert "§" not in "\n".join(tables.tables_section(study(runs, pruners=("rand", "snip"))))
+
+
+def test_the_figures_leave_out_times_from_another_machine_and_draw_other_precisions_hollow(tmp_path):
+    # The study resumed on an AVX2 machine: SNIP's 10x trained and was timed there in fp32.
+    runs = [timed("rand", 1, 8.3, 8.2, 8.5), timed("rand", 10, 8.2, 8.1, 8.4), timed("snip", 10, 37.5, 36.9, 39.0)]
+    runs[2].tags.update({"timing.device": "cpu (Some CPU, AVX2, 2 threads)", "timing.precision": "fp32",
+                         "precision": "fp32"})
+    s = study(runs, pruners=("rand", "snip"))
+    time_curves = figures.curves(s, s.time_metric)
+    assert {p: [(c, st.mean, h) for c, st, h in pts] for p, pts in time_curves.points.items()} == \
+        {"rand": [(1, 8.3, False), (10, 8.2, False)], "snip": [(1, 8.3, False)]}
+    assert time_curves.left_out == [("snip", 10)]
+    accuracy = figures.curves(s, ACCURACY)
+    assert [(c, h) for c, _, h in accuracy.points["snip"]] == [(1, False), (10, True)]
+    assert not figures.curves(s, FLOPS).left_out
+    captions = dict(figures.draw(s, str(tmp_path)))
+    check_png(tmp_path / "test_time_vs_compression.png")
+    assert captions["test_time_vs_compression.png"].endswith(
+        " Left out: SNIP at 10x, timed on another device or in another precision than the others (§ in Table 3), "
+        "whose times would measure the machine rather than the network.")
+    assert captions["accuracy_vs_compression.png"].endswith(
+        " Hollow markers: cells trained in another precision than the study's bf16 (‡ in Tables 1-2).")
+    assert "Left out" not in captions["accuracy_vs_compression.png"] + captions["flops_vs_compression.png"]
+    # Timed in one pass on one machine: every cell is drawn.
+    runs[2].tags.update({k: runs[0].tags[k] for k in ("timing.device", "timing.precision", "precision")})
+    s = study(runs, pruners=("rand", "snip"))
+    assert not figures.curves(s, s.time_metric).left_out
+    assert "Left out" not in dict(figures.draw(s, str(tmp_path)))["test_time_vs_compression.png"]
 
 
 def test_testing_times_of_a_second_and_more_are_in_seconds():

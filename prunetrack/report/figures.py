@@ -8,18 +8,25 @@ from __future__ import annotations
 
 import math
 import os
+from typing import NamedTuple
 
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from prunetrack import plots
+from prunetrack.report import tables
 from prunetrack.report.records import (
     ACCURACY,
     FLOPS,
+    OTHER_PRECISION,
+    OTHER_TIMING,
     TIMED_TEST_TIME,
     Metric,
     Pretrain,
+    Stat,
     Study,
+    grouped,
+    join_words,
     model_label,
     pruner_label,
 )
@@ -33,23 +40,63 @@ def _save(fig: Figure, path: str) -> None:
     fig.savefig(path, dpi=120, bbox_inches="tight")
 
 
-def figure_vs_compression(study: Study, metric: Metric, path: str) -> bool:
+class Curves(NamedTuple):
+    """What a figure against compression draws: per pruner, its points (compression, stat,
+    hollow), and the cells it leaves out."""
+    points: dict[str, list[tuple[float, Stat, bool]]]
+    left_out: list[tuple[str, float]]
+
+
+def curves(study: Study, metric: Metric) -> Curves:
+    """The points of each pruner's curve of `metric`. A testing time taken on another device
+    or in another precision than most cells (§ in Table 3) is left out: it measures the
+    machine, and on one axis it would dwarf the differences between networks. An accuracy
+    trained in another precision (‡) stays, drawn hollow: the same task in other arithmetic."""
+    points, left_out = {}, []
+    for p in study.pruners:
+        for c in study.compressions:
+            s = study.stat(study.main, p, c, metric.key)
+            if s is None:
+                continue
+            cell = study.cell(study.main, p, c)
+            if metric.key == TIMED_TEST_TIME.key and tables.timed_elsewhere(study, cell):
+                left_out.append((p, c))
+                continue
+            hollow = metric.key == ACCURACY.key and bool(study.other_precisions(cell))
+            points.setdefault(p, []).append((c, s, hollow))
+    return Curves(points, left_out)
+
+
+def left_out_words(study: Study, left_out: list[tuple[str, float]]) -> str:
+    """'Rand at 5x and 15x, SNIP at 5x' for the cells a figure leaves out."""
+    at = grouped(left_out, lambda pc: pc[0])
+    return join_words([f"{pruner_label(p)} at {join_words([f'{c:g}x' for _, c in at[p]])}"
+                       for p in study.pruners if p in at])
+
+
+def figure_vs_compression(study: Study, metric: Metric, path: str) -> Curves | None:
+    """Draw `metric` against compression; the curves drawn, or None when there was nothing to draw."""
+    drawn = curves(study, metric)
+    if not drawn.points:
+        return None
     fig = Figure(figsize=(6.4, 4.2))
     ax = fig.add_subplot()
-    colors, drawn = _colors(study.pruners), False
-    for p in study.pruners:
-        points = [(c, s) for c in study.compressions if (s := study.stat(study.main, p, c, metric.key))]
-        if not points:
-            continue
-        drawn = True
-        xs = [c for c, _ in points]
-        ax.errorbar(xs, [s.mean * metric.scale for _, s in points], yerr=[s.std * metric.scale for _, s in points],
+    colors = _colors(study.pruners)
+    for p, points in drawn.points.items():
+        xs = [c for c, _, _ in points]
+        ys = [s.mean * metric.scale for _, s, _ in points]
+        ax.errorbar(xs, ys, yerr=[s.std * metric.scale for _, s, _ in points],
                     marker="o", capsize=3, color=colors[p], label=pruner_label(p))
-    if not drawn:
-        return False
-    base, _ = study.baseline(study.main, metric.key)
-    if base is not None:  # at 1x no pruner removes a weight: one dense reference for every curve
+        hollow = [(x, y) for (x, y), (_, _, h) in zip(zip(xs, ys), points) if h]
+        if hollow:
+            ax.plot(*zip(*hollow), ls="", marker="o", mfc="white", mec=colors[p], zorder=3)
+    base, runs = study.baseline(study.main, metric.key)
+    if base is not None and not (metric.key == TIMED_TEST_TIME.key and tables.timed_elsewhere(study, runs)):
+        # at 1x no pruner removes a weight: one dense reference for every curve
         ax.axhline(base.mean * metric.scale, color="0.4", ls=":", label=f"dense (1x), n={base.n}")
+    if any(h for points in drawn.points.values() for _, _, h in points):
+        ax.plot([], [], ls="", marker="o", mfc="white", mec="0.3",
+                label=f"{OTHER_PRECISION} trained in {join_words(study.other_precisions(study.runs))}")
     ax.set_xscale("log")
     ax.set_xticks(study.compressions, [f"{c:g}x" for c in study.compressions])
     ax.minorticks_off()
@@ -59,7 +106,7 @@ def figure_vs_compression(study: Study, metric: Metric, path: str) -> bool:
     ax.grid(alpha=0.3)
     ax.legend()
     _save(fig, path)
-    return True
+    return drawn
 
 
 def figure_layer_density(study: Study, path: str) -> bool:
@@ -163,8 +210,16 @@ def draw(s: Study, out: str) -> list[tuple[str, str]]:
     entries = []
     for metric, file in ((ACCURACY, "accuracy_vs_compression.png"), (s.time_metric, "test_time_vs_compression.png"),
                          (FLOPS, "flops_vs_compression.png")):
-        if figure_vs_compression(s, metric, os.path.join(out, file)):
+        drawn = figure_vs_compression(s, metric, os.path.join(out, file))
+        if drawn:
             extra = f" Testing time: {time_words(s)}." if metric is s.time_metric else ""
+            if any(h for points in drawn.points.values() for _, _, h in points):
+                extra += (f" Hollow markers: cells trained in another precision than the study's {s.precision} "
+                          f"({OTHER_PRECISION} in Tables 1-2).")
+            if drawn.left_out:
+                extra += (f" Left out: {left_out_words(s, drawn.left_out)}, timed on another device or in another "
+                          f"precision than the others ({OTHER_TIMING} in Table 3), whose times would measure the "
+                          "machine rather than the network.")
             entries.append((file, f"{metric.title} of {M} against compression (log scale), one curve per pruner; "
                                   f"error bars: std over seeds where a cell has several runs.{extra}"))
         else:
