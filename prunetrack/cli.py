@@ -8,6 +8,7 @@ runs (torch, mlflow) when it runs, so `--help` answers at once.
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import click
@@ -31,6 +32,41 @@ def _option(f):
     return click.option(flag, f.name, **kwargs)
 
 
+class Duration(click.ParamType):
+    """A length of time such as 2h30m, 90m, 45s or 1h (units h, m, s), as seconds."""
+
+    name = "duration"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (int, float)):
+            return float(value)
+        m = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s)?\s*", value)
+        if not m or not any(m.groups()):
+            self.fail(f"{value!r} is not a duration: give hours, minutes and/or seconds, such as 2h30m, 90m or 45s",
+                      param, ctx)
+        h, mins, sec = (float(g or 0) for g in m.groups())
+        seconds = 3600 * h + 60 * mins + sec
+        if seconds <= 0:
+            self.fail(f"{value!r} is no time at all: give a positive duration, such as 2h30m", param, ctx)
+        return seconds
+
+
+def time_limit_option(what: str):
+    return click.option(
+        "--time-limit", type=Duration(), default=None,
+        help=f"Stop {what} by this long from now (such as 2h30m, 90m): an epoch that would not end in time is not "
+             "started, the run ends KILLED at its last checkpoint and the command exits with 75; running it again "
+             "resumes.")
+
+
+def _exit_time_up() -> None:
+    """The time limit stopped the job at a checkpoint (the job said so): exit 75, try again
+    later, rather than Click's "Aborted!" and 1."""
+    from prunetrack import interrupts
+
+    sys.exit(interrupts.EXIT_TIME_UP)
+
+
 def config_options(fn):
     for f in reversed(config.fields()):
         fn = _option(f)(fn)
@@ -45,27 +81,33 @@ def cli():
 
 @cli.command()
 @config_options
-def prune(**values):
+@time_limit_option("the job")
+def prune(time_limit, **values):
     """Prune a network at initialization, train it, and log the run to MLflow.
 
     \b
     Example (a CPU smoke run in about a minute):
       prunetrack prune --dataset synthetic --model resnet20 --pruner mag --compression 10 --post-epochs 2
     """
+    from prunetrack import interrupts
     from prunetrack.checkpoint import CheckpointBusy, NotResumable
     from prunetrack.job import run_job
     from prunetrack.store import TrackingError
 
     cfg, device = _prepared(values)
     try:
-        run_job(cfg, device)
+        with interrupts.time_limited(time_limit):
+            run_job(cfg, device)
     except (CheckpointBusy, NotResumable, TrackingError) as e:
         raise click.ClickException(str(e)) from None
+    except interrupts.TimeUp:
+        _exit_time_up()
 
 
 @cli.command()
 @config_options
-def pretrain(**values):
+@time_limit_option("the pre-training")
+def pretrain(time_limit, **values):
     """Pre-train the network that `prune --pre-epochs N` (with the same model, data, seed and
     training settings) starts from, as a run of its own, unless it exists already.
     Pruning options are accepted and ignored. Sweeps run this before their cells.
@@ -74,6 +116,7 @@ def pretrain(**values):
     Example:
       prunetrack pretrain --model vgg16 --pre-epochs 200 --pre-patience 5
     """
+    from prunetrack import interrupts
     from prunetrack import pretrain as pretraining
     from prunetrack.checkpoint import NotResumable
     from prunetrack.store import TrackingError
@@ -82,9 +125,12 @@ def pretrain(**values):
     if not cfg.train.pre_epochs:
         raise click.BadParameter("pre_epochs is 0: nothing to pre-train; pass --pre-epochs N")
     try:
-        pretraining.obtain(cfg, device)
+        with interrupts.time_limited(time_limit):
+            pretraining.obtain(cfg, device)
     except (NotResumable, TrackingError) as e:
         raise click.ClickException(str(e)) from None
+    except interrupts.TimeUp:
+        _exit_time_up()
 
 
 def _prepared(values: dict):
@@ -167,7 +213,11 @@ def report(experiment, name, output_dir, models, compressions, pruners, dataset)
 @click.option("--max-cells", type=click.IntRange(min=1), default=None,
               help="Run only the first N cells left, in the plan's order, then stop (exit 0): a piece of a long "
                    "sweep; running it again goes on with the next.")
-def sweep(spec, parallel, executor, ray_address, dry_run, allow_precision_change, max_cells):
+@click.option("--time-limit", type=Duration(), default=None,
+              help="Stop by this long from now (such as 2h30m, 90m; exit 0): a cell stops at its last checkpoint "
+                   "before it, and no cell starts that could not save its first epoch in time; running the sweep "
+                   "again resumes.")
+def sweep(spec, parallel, executor, ray_address, dry_run, allow_precision_change, max_cells, time_limit):
     """Run a grid of prune jobs from a YAML SPEC, one MLflow child run per cell.
 
     Cells that already have a FINISHED run with the same configuration are skipped, so
@@ -188,7 +238,7 @@ def sweep(spec, parallel, executor, ray_address, dry_run, allow_precision_change
     try:
         sweeps.run_sweep(loaded, parallel=parallel, executor=executor, ray_address=ray_address, dry_run=dry_run,
                          echo=lambda line: click.echo(line), allow_precision_change=allow_precision_change,
-                         max_cells=max_cells)
+                         max_cells=max_cells, time_limit=time_limit)
     except (sweeps.SweepFailed, sweeps.PrecisionChange, TrackingError) as e:
         raise click.ClickException(str(e)) from None
 

@@ -141,6 +141,14 @@ def seconds(cfg: JobConfig, rates: Rates, kind: str = "prune", done_epochs: int 
     return prune_time + per_epoch * max(cfg.train.post_epochs - done_epochs, 0) + timing
 
 
+def next_save(cfg: JobConfig, rates: Rates, kind: str = "prune", done_epochs: int = 0) -> float:
+    """Seconds until a cell with `done_epochs` epochs saved saves its next epoch: its
+    pruning first, when it has not pruned yet, then one epoch."""
+    prune = kind == "prune" and not done_epochs and not cfg.dense()
+    return epoch_seconds(cfg, rates) + (rates.prune_round.get(cfg.prune.pruner, 0.0) * resolved_iterations(cfg)
+                                        if prune else 0.0)
+
+
 class Estimator:
     """Each cell's time left on this machine: its epochs to go at the rates of earlier runs
     of the same training (`records`, from tracking.speed_records) or, with `probe`, of a
@@ -174,6 +182,11 @@ class Estimator:
         if rates is None:
             return None
         return seconds(cfg, rates, kind, done_epochs, self.pretrain_epochs(cfg) if kind == "pretrain" else None)
+
+    def next_save(self, cfg: JobConfig, kind: str, done_epochs: int) -> float | None:
+        """`next_save` at this machine's rates (None: no estimate)."""
+        rates = self.rates_for(cfg)
+        return None if rates is None else next_save(cfg, rates, kind, done_epochs)
 
     def pretrain_epochs(self, cfg: JobConfig) -> int | None:
         """How many epochs a pre-training that stops on patience will take: as many as the

@@ -23,10 +23,17 @@ EXECUTORS = ("local", "ray")
 @dataclass
 class Result:
     cell: Cell
-    status: str       # finished | failed | skipped | shared | later (--max-cells) | planned (--dry-run)
+    status: str       # finished | failed | stopped (time limit) | skipped | shared | later | planned (--dry-run)
     seconds: float = 0.0
     run_id: str | None = None  # found by the run's tags once the cell's process ended
-    output: str = ""  # the cell process's output (tail), for failures
+    output: str = ""  # the cell process's output (tail), for failures; why a `later` cell did not start
+
+
+def status_of(code: int) -> str:
+    """A cell's status from its process's exit code."""
+    if code == 0:
+        return "finished"
+    return "stopped" if code == interrupts.EXIT_TIME_UP else "failed"
 
 
 def cell_command(cell: Cell) -> list[str]:
@@ -98,9 +105,12 @@ def _visible_gpus() -> list[str]:
 
 
 def run_local(cells: list[Cell], envs: dict[str, dict[str, str]], parallel: int,
-              on_start: Callable[[Cell, str], None]) -> Iterator[Result]:
+              on_start: Callable[[Cell, str], None],
+              may_start: Callable[[Cell], bool] | None = None) -> Iterator[Result]:
     """Run cells `parallel` at a time as subprocesses of this one, each pinned to one GPU
     (round-robin over the visible ones) when there are GPUs; yield results as they end.
+    A cell that `may_start` refuses when its turn comes (the time limit is too near) is
+    yielded as `later`, not run.
     A cell's slot is free for the next cell only once the caller has taken its result, so
     that a cell's end is recorded (and said) before the cell after it starts. Closing the
     generator (an error, Ctrl-C, SIGTERM) stops the running cells."""
@@ -125,6 +135,8 @@ def run_local(cells: list[Cell], envs: dict[str, dict[str, str]], parallel: int,
         try:
             if stopping.is_set():
                 return Result(cell, "failed", output="not started: the sweep was stopped"), gpu
+            if may_start is not None and not may_start(cell):
+                return Result(cell, "later", output="its first epoch would not be saved before the time limit"), gpu
             env = dict(envs[cell.key])
             # A cell that names its GPU (device cuda:N) sees the GPUs the sweep sees: pinned
             # to one, its cuda:N would be another GPU or none.
@@ -141,7 +153,7 @@ def run_local(cells: list[Cell], envs: dict[str, dict[str, str]], parallel: int,
                     else None, started=started)
             except Exception as e:  # the process could not start: this cell fails, the others go on
                 return Result(cell, "failed", time.time() - start, output=f"cannot run the cell: {e!r}"), gpu
-            return Result(cell, "finished" if code == 0 else "failed", time.time() - start, output=output), gpu
+            return Result(cell, status_of(code), time.time() - start, output=output), gpu
         except BaseException:
             slots.put(gpu)
             raise
@@ -210,7 +222,7 @@ def run_ray(cells: list[Cell], envs: dict[str, dict[str, str]], address: str | N
                 except Exception as e:  # the task itself died (node lost, worker killed)
                     yield Result(cell, "failed", output=f"ray task failed: {e}")
                     continue
-                yield Result(cell, "finished" if code == 0 else "failed", seconds, output=output)
+                yield Result(cell, status_of(code), seconds, output=output)
         finally:
             for ref in pending:  # interrupts the task, which stops its cell (KILLED run)
                 with contextlib.suppress(Exception):

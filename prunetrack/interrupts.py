@@ -1,6 +1,6 @@
-"""How a job learns that it must stop: Ctrl-C, SIGTERM, or the death of the process
-that started it (a sweep, or `mlflow run`). All three arrive in the main thread as a
-KeyboardInterrupt subclass, so that one `except KeyboardInterrupt` closes the run as
+"""How a job learns that it must stop: Ctrl-C, SIGTERM, the death of the process that
+started it (a sweep, or `mlflow run`), or its time limit. All four arrive in the main thread
+as a KeyboardInterrupt subclass, so that one `except KeyboardInterrupt` closes the run as
 KILLED and keeps the checkpoint (tracking.job_run).
 """
 from __future__ import annotations
@@ -20,6 +20,51 @@ class Terminated(KeyboardInterrupt):
 class ParentDied(KeyboardInterrupt):
     """The process that started this job is gone (a sweep killed with SIGKILL, `mlflow run`
     terminated): nobody is left to stop the job or to close its run, so it stops itself."""
+
+
+class TimeUp(KeyboardInterrupt):
+    """The next epoch would not end before the time limit (`--time-limit`): the job stops
+    at the checkpoint it just saved, and exits with EXIT_TIME_UP."""
+
+
+# The Unix time by which a job must have stopped, its last epoch saved: set by `--time-limit`
+# (a sweep passes its own to its cells through the environment).
+DEADLINE_ENV = "PRUNETRACK_DEADLINE"
+# A job stopped by its time limit exits with this (EX_TEMPFAIL: try again later); a sweep
+# reads it as "stopped, resumable", not as a failure.
+EXIT_TIME_UP = 75
+
+
+_deadline: float | None = None  # set by time_limited, inside this process
+
+
+def deadline() -> float | None:
+    """The time limit of this process (Unix time): its own `time_limited` block's, else the
+    one its parent passed in the environment, else None."""
+    if _deadline is not None:
+        return _deadline
+    value = os.environ.get(DEADLINE_ENV)
+    return float(value) if value else None
+
+
+@contextlib.contextmanager
+def time_limited(seconds: float | None):
+    """While the block runs, the time limit is `seconds` from its start (None: no change)."""
+    global _deadline
+    previous = _deadline
+    if seconds is not None:
+        _deadline = time.time() + seconds
+    try:
+        yield
+    finally:
+        _deadline = previous
+
+
+def time_left(estimate: float | None) -> bool:
+    """Whether work expected to take `estimate` seconds (None: unknown, counted as 0) ends
+    before the time limit; always True without one."""
+    when = deadline()
+    return when is None or time.time() + (estimate or 0.0) <= when
 
 
 # The pid of the process that started this job (a sweep sets it for its cells). A cell
@@ -67,6 +112,8 @@ def cause(e: BaseException) -> str:
     """What interrupted the job, for the run's `interrupted` tag."""
     if isinstance(e, ParentDied):
         return "parent-died"
+    if isinstance(e, TimeUp):
+        return "time-limit"
     return "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
 
 

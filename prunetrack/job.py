@@ -12,7 +12,9 @@ import contextlib
 import os
 import platform
 import random
+import statistics
 import sys
+import time
 from dataclasses import dataclass
 
 import mlflow
@@ -23,6 +25,7 @@ from prunetrack import (
     __version__,
     checkpoint,
     data,
+    interrupts,
     masking,
     measure,
     models,
@@ -127,7 +130,7 @@ def train_phase(s: Setup, cfg: JobConfig, ckpt: checkpoint.Checkpoint, state: di
     t = cfg.train
     opt, sched = training.make_optimizer(t.optimizer, s.model, t.lr, t.weight_decay, t.lr_drop_epochs(),
                                          t.lr_drop_rate)
-    history, best = [], None
+    history, best, walls = [], None, []
     device = next(s.model.parameters()).device
     if state is not None:
         s.model.load_state_dict(state["model"])
@@ -136,6 +139,9 @@ def train_phase(s: Setup, cfg: JobConfig, ckpt: checkpoint.Checkpoint, state: di
         s.stream.set_state(state["stream"])
         checkpoint.set_rng_state(state["rng"], device)
         history, best = state["history"], state.get("best")
+        # Wall seconds of each saved epoch (evaluation and checkpoint included), for the time
+        # limit; a checkpoint saved before they were kept has the training seconds only.
+        walls = state.get("walls") or [h["epoch_time"] for h in history if "epoch_time" in h]
         logged = tracking.logged_steps(run_id, "test_loss")
         for h in history:
             if h["epoch"] not in logged:
@@ -147,13 +153,17 @@ def train_phase(s: Setup, cfg: JobConfig, ckpt: checkpoint.Checkpoint, state: di
         return {"run_id": run_id, "phase": phase, "epoch": epoch, "epochs": epochs, "precision": precision,
                 "device": device.type, "model": s.model.state_dict(),
                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "stream": s.stream.get_state(),
-                "rng": checkpoint.rng_state(device), "history": history, "best": best, "extra": extra}
+                "rng": checkpoint.rng_state(device), "history": history, "best": best, "walls": walls,
+                "extra": extra}
 
     def stopped(epoch: int) -> bool:
         return bool(patience) and best is not None and epoch - best["epoch"] >= patience
 
     def on_epoch(epoch: int, metrics: dict) -> bool:
-        nonlocal best
+        nonlocal best, mark
+        now = time.perf_counter()
+        walls.append(now - mark)
+        mark = now
         history.append({"epoch": epoch, **metrics})
         if patience and (best is None or metrics["test_loss"] < best["test_loss"]):
             best = {"epoch": epoch, "test_loss": metrics["test_loss"],
@@ -165,19 +175,22 @@ def train_phase(s: Setup, cfg: JobConfig, ckpt: checkpoint.Checkpoint, state: di
     if state is None:  # epoch 0: what pruning produced, so a kill during epoch 1 does not prune again
         ckpt.save(snapshot(0))
     start = history[-1]["epoch"] if history else 0
+    mark = time.perf_counter()
     if not stopped(start):
         try:
             training.fit(s.net, s.train_batches, s.test_batches, epochs, opt, sched, on_epoch, label=phase,
                          precision=t.precision, start_epoch=start,
-                         stop_by=(lambda: best["epoch"] + patience) if patience else None)
+                         stop_by=(lambda: best["epoch"] + patience) if patience else None,
+                         first_estimate=statistics.median(walls) if walls else None)
         except training.Diverged as e:  # the run ends FAILED (job_run); the tag and the loss show why
             tracking.log_tags({"diverged": e.epoch})
             tracking.log_metrics({"train_loss": e.loss}, e.epoch)
             raise
-        except KeyboardInterrupt:  # Ctrl-C, SIGTERM, the sweep gone: say what is kept, not just "Aborted!"
+        except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM, the sweep gone, the time limit: say what is kept
             held = ckpt.progress() or {"epoch": start, "epochs": epochs}
+            why = f" ({e})" if isinstance(e, interrupts.TimeUp) else ""
             with contextlib.suppress(OSError):  # the stream may be the pipe of a sweep that died
-                print(f"{phase}: stopped; the checkpoint in {ckpt.folder} holds {phase} epoch {held['epoch']}/"
+                print(f"{phase}: stopped{why}; the checkpoint in {ckpt.folder} holds {phase} epoch {held['epoch']}/"
                       f"{held['epochs']}{' (before any training)' if held['epoch'] == 0 else ''}: running the "
                       f"same job again resumes from there", file=sys.stderr, flush=True)
             raise

@@ -39,6 +39,7 @@ class Summary:
     name: str
     results: list[Result]
     seconds: float
+    later_by: str = "--max-cells"  # the option that left cells for a later run
 
     def having(self, status: str) -> list[Result]:
         return [r for r in self.results if r.status == status]
@@ -48,11 +49,12 @@ class Summary:
         return self.having("failed")
 
     def line(self) -> str:
-        shared, later = len(self.having("shared")), len(self.having("later"))
+        shared, later, stopped = len(self.having("shared")), len(self.having("later")), len(self.having("stopped"))
         return (f"sweep {self.name}: {plural(len(self.results), 'cell')}: {len(self.having('finished'))} finished, "
                 f"{len(self.having('skipped'))} skipped (already finished), {len(self.failed)} failed"
                 + (f", {shared} computed by another cell" if shared else "")
-                + (f", {later} left for a later run (--max-cells)" if later else "") + f" in {clock(self.seconds)}")
+                + (f", {stopped} stopped at the time limit (resumes from its checkpoint)" if stopped else "")
+                + (f", {later} left for a later run ({self.later_by})" if later else "") + f" in {clock(self.seconds)}")
 
 
 class PrecisionChange(RuntimeError):
@@ -63,10 +65,14 @@ class PrecisionChange(RuntimeError):
 
 def run_sweep(spec: Spec, parallel: int = 1, executor: str = "local", ray_address: str | None = None,
               dry_run: bool = False, echo: Callable[[str], None] | None = None,
-              allow_precision_change: bool = False, max_cells: int | None = None) -> Summary:
+              allow_precision_change: bool = False, max_cells: int | None = None,
+              time_limit: float | None = None) -> Summary:
     """Run the cells of `spec` that have no FINISHED run yet, under a parent run; with
     `max_cells`, only the first that many of them (in the plan's order), leaving the rest
-    for a later run: a piece of a long sweep sized to the time at hand.
+    for a later run: a piece of a long sweep sized to the time at hand. With `time_limit`
+    (seconds), stop by then: each cell stops at its last checkpoint before the limit (it
+    is passed to them), and a cell that could not save its first epoch in time (by the
+    estimates of earlier runs here) is not started but left for a later run.
 
     Returns the summary; raises SweepFailed (after every other cell ran, and after closing
     the parent run as FAILED) when some cell failed, and PrecisionChange (before any cell
@@ -80,8 +86,11 @@ def run_sweep(spec: Spec, parallel: int = 1, executor: str = "local", ray_addres
         raise ValueError(f"parallel must be >= 1, got {parallel}")
     if max_cells is not None and max_cells < 1:
         raise ValueError(f"max_cells must be >= 1, got {max_cells}")
+    if time_limit is not None and time_limit <= 0:
+        raise ValueError(f"time_limit must be a positive number of seconds, got {time_limit}")
     ray_address = ray_address or os.environ.get("RAY_ADDRESS") or None
     start = time.time()
+    deadline = start + time_limit if time_limit else None
     store.prepare_store()  # before the cells, which would otherwise race to create a new SQLite store
     experiment = spec.experiment
     if os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run`: cells go next to the sweep's run
@@ -129,15 +138,27 @@ def run_sweep(spec: Spec, parallel: int = 1, executor: str = "local", ray_addres
         tracking.describe(f"{about}Sweep {spec.name}: {len(todo)} of {plural(len(plan), 'cell')} to run as it started "
                           f"({len(skipped)} finished before).")
         envs = {c.key: cell_env(c, spec.name, parent.info.run_id, uri) for c in todo}
+        may_start = None
+        if deadline is not None:
+            for env in envs.values():
+                env[interrupts.DEADLINE_ENV] = repr(deadline)
+            may_start = _in_time(todo, experiment, deadline)
+            echo(f"time limit {clock(time_limit)}: cells stop at their last checkpoint before "
+                 f"{time.strftime('%Y-%m-%d %H:%M:%S %Z', time.localtime(deadline))}, and a cell that could not "
+                 "save its first epoch by then is left for a later run")
         progress = _Progress(len(plan), len(skipped), len(todo), start, echo,
                              _estimates(todo, experiment), parallel if executor == "local" else 1)
         if executor == "local":
-            stream = run_local(todo, envs, parallel, progress.started)
+            stream = run_local(todo, envs, parallel, progress.started, may_start)
         else:
             stream = run_ray(todo, envs, ray_address, progress.started)
         with _close_cells_left_running(experiment, parent.info.run_id, spec.name, results, echo), \
                 contextlib.closing(stream):
             for result in stream:
+                if result.status == "later":  # not started: the time limit was too near
+                    results.append(result)
+                    echo(f"not started: {result.cell.key} ({result.cell.name}): {result.output}")
+                    continue
                 # The cell's run, by its tags (a resumed run may have been created by an earlier sweep).
                 result.run_id = tracking.find_cell_run(
                     experiment, spec.name, parent.info.run_id,
@@ -149,9 +170,12 @@ def run_sweep(spec: Spec, parallel: int = 1, executor: str = "local", ray_addres
                 results.append(result)
                 progress.finished(result)
         summary = Summary(spec.name, sorted(results + later, key=lambda r: plan.index(r.cell)) + shared,
-                          time.time() - start)
+                          time.time() - start,
+                          ", ".join(o for o, given in (("--max-cells", later),
+                                                        ("--time-limit", any(r.status == "later" for r in results)))
+                                    if given))
         tracking.log_metrics({f"cells_{s}": len(summary.having(s))
-                              for s in ("finished", "skipped", "failed", "shared", "later")}
+                              for s in ("finished", "skipped", "failed", "shared", "stopped", "later")}
                              | {"cells_total": len(spec.cells)})
         tracking.log_table([{"cell": r.cell.key, "run_name": r.cell.name, "status": r.status,
                              "run_id": r.run_id or "", "seconds": round(r.seconds, 1),
@@ -304,6 +328,23 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # exists, owned by someone else
         return True
     return True
+
+
+def _in_time(todo: list[Cell], experiment: str, deadline: float) -> Callable[[Cell], bool]:
+    """Whether a cell, started now, would save its next epoch before `deadline`: by the
+    epochs of earlier runs of its training here; a cell without such runs is started (its
+    job still stops before an epoch once the limit has passed)."""
+    from prunetrack import checkpoint, estimate
+
+    estimator = estimate.Estimator(tracking.speed_records(experiment), {c.config.prune.pruner for c in todo},
+                                   probe=False)
+
+    def may_start(cell: Cell) -> bool:
+        saved = checkpoint.peek(cell.config.run.checkpoint_dir, cell.checkpoint_key)
+        needed = estimator.next_save(cell.config, cell.kind, saved["epoch"] if saved else 0)
+        return time.time() + (needed or 0.0) <= deadline
+
+    return may_start
 
 
 def _estimates(todo: list[Cell], experiment: str) -> dict[str, float] | None:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunetrack import config, masking
+from prunetrack import config, interrupts, masking
 from prunetrack.progress import Progress, clock
 
 # The registry of named choices: name -> optimizer(params, lr, weight_decay, fused).
@@ -197,15 +197,24 @@ class Diverged(FloatingPointError):
 
 def fit(model: nn.Module, train_batches, test_batches, epochs: int, opt, sched,
         on_epoch: Callable[[int, dict], bool | None], label: str = "train", precision: str = "fp32",
-        start_epoch: int = 0, stop_by: Callable[[], int] | None = None) -> int:
+        start_epoch: int = 0, stop_by: Callable[[], int] | None = None,
+        first_estimate: float | None = None) -> int:
     """Train epochs start_epoch+1 .. `epochs`, evaluating after each; `on_epoch(epoch,
     metrics)` checkpoints and logs, and may return True to stop early. Returns the last
     epoch run. Each epoch's line ends with an estimate of the time left in the phase;
     with `stop_by` (the epoch by which an early stop ends the phase unless the test loss
     improves again, read after on_epoch), with both that and the time to `epochs`.
-    Raises Diverged when an epoch's training loss is nan or inf."""
+    Raises Diverged when an epoch's training loss is nan or inf, and interrupts.TimeUp
+    rather than start an epoch that would not end before the time limit (as long as the
+    epochs run here so far, else `first_estimate`; without either, only once it has passed)."""
     spent, done, epoch = 0.0, 0, start_epoch
     for epoch in range(start_epoch + 1, epochs + 1):
+        expected = spent / done if done else first_estimate
+        if not interrupts.time_left(expected):
+            left = interrupts.deadline() - interrupts.time.time()
+            raise interrupts.TimeUp(
+                f"time limit: {label} epoch {epoch}/{epochs} would not end before it; "
+                + (f"an epoch takes ~{clock(expected)}, {clock(left)} was left" if left > 0 else "it had passed"))
         start = time.perf_counter()
         train_loss = train_epoch(model, train_batches, opt, Progress(f"{label} epoch {epoch}", len(train_batches)),
                                  precision)
@@ -214,10 +223,10 @@ def fit(model: nn.Module, train_batches, test_batches, epochs: int, opt, sched,
         sched.step()
         seconds = time.perf_counter() - start
         ev = evaluate(model, test_batches, precision, Progress(f"{label} epoch {epoch} evaluation", len(test_batches)))
-        spent, done = spent + time.perf_counter() - start, done + 1
         metrics = {"train_loss": train_loss, "test_loss": ev["loss"], "test_top1": ev["top1"],
                    "test_top5": ev["top5"], "epoch_time": seconds}
         stop = on_epoch(epoch, metrics)
+        spent, done = spent + time.perf_counter() - start, done + 1  # the checkpoint and the logging too
         per_epoch = spent / done
         if stop:
             left = "stopping early"

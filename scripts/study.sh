@@ -7,7 +7,9 @@
 #   bash scripts/study.sh start    # import the committed export, then start (or resume) the sweep in the background
 #                                  # (--allow-precision-change: also where this machine would train the cells
 #                                  # left in another precision than the finished ones; the sweep refuses otherwise;
-#                                  # --cells N: only the next N cells, then the sweep exits, with no cell cut short)
+#                                  # --cells N: only the next N cells, then the sweep exits, with no cell cut short;
+#                                  # --time-limit D, e.g. 2h30m: the sweep exits by then, its cell stopped at the
+#                                  # last checkpoint that fits, and starts no cell that could not save an epoch)
 #   bash scripts/study.sh status   # every cell's state and the time left (sweep --dry-run), and the log's tail
 #   bash scripts/study.sh stop     # stop the sweep once the cell in training saved its next checkpoint
 #   bash scripts/study.sh finish   # stop, time the cells finished since the last pass, export them, regenerate the report
@@ -71,7 +73,11 @@ case "${1:-}" in
         --cells)
           [[ "${2:-}" =~ ^[1-9][0-9]*$ ]] || { echo "study.sh: --cells takes a number of cells, 1 or more" >&2; exit 2; }
           opts+=(--max-cells "$2"); shift ;;
-        *) echo "study.sh: unknown option '$1' (accepted: --allow-precision-change, --cells N)" >&2; exit 2 ;;
+        --time-limit)
+          [ -n "${2:-}" ] || { echo "study.sh: --time-limit takes a duration, such as 2h30m" >&2; exit 2; }
+          opts+=(--time-limit "$2"); shift ;;  # the sweep checks the duration, and refuses a bad one at once
+        *) echo "study.sh: unknown option '$1' (accepted: --allow-precision-change, --cells N, --time-limit D)" >&2
+           exit 2 ;;
       esac
       shift
     done

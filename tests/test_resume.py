@@ -91,6 +91,72 @@ def test_interrupted_job_resumes_in_the_same_run_with_the_same_weights(mlflow_st
     assert not os.path.exists(os.path.join(checkpoint.root(), job.resolve(_job(**cfg)).config_hash()))
 
 
+class _Clock:
+    """time.time() for prunetrack.interrupts, moved forward at will."""
+
+    def __init__(self):
+        self.ahead = 0.0
+
+    def time(self):
+        return time.time() + self.ahead
+
+    def sleep(self, seconds):
+        time.sleep(seconds)
+
+
+def test_a_job_stops_before_an_epoch_that_would_end_after_its_time_limit(mlflow_store, monkeypatch):
+    """`prunetrack prune --time-limit`: after epoch 1, less time is left than an epoch
+    takes, so epoch 2 is not started: the run ends KILLED at epoch 1's checkpoint, the
+    command exits 75 and says why; run again (here without a limit) it resumes."""
+    from click.testing import CliRunner
+
+    from prunetrack import cli, interrupts
+
+    clock = _Clock()
+    monkeypatch.setattr(interrupts, "time", clock)
+    real_log = tracking.log_metrics
+
+    def late(metrics, step=None):  # once epoch 1 is saved, jump to half an epoch before the limit
+        real_log(metrics, step)
+        if step == 1 and "epoch_time" in metrics:
+            clock.ahead = interrupts.deadline() - time.time() - metrics["epoch_time"] / 2
+
+    monkeypatch.setattr(tracking, "log_metrics", late)
+    args = ["prune", "--dataset", "synthetic", "--model", "resnet20", "--pruner", "mag", "--compression", "10",
+            "--train-subset", "300", "--test-subset", "100", "--batch-size", "64", "--test-batch-size", "128",
+            "--precision", "fp32", "--device", "cpu", "--post-epochs", "3"]
+    result = CliRunner().invoke(cli.cli, args + ["--time-limit", "1h"])
+    assert result.exit_code == interrupts.EXIT_TIME_UP, result.output
+    folder = os.path.join(checkpoint.root(), job.resolve(_job(post_epochs=3)).config_hash())
+    assert ("train: stopped (time limit: train epoch 2/3 would not end before it; an epoch takes ~"
+            in result.output)
+    assert f"the checkpoint in {folder} holds train epoch 1/3: running the same job again resumes" in result.output
+    client = mlflow.MlflowClient()
+    [stopped] = client.search_runs([store.experiment_id("prunetrack")])
+    assert stopped.info.status == "KILLED" and stopped.data.tags["interrupted"] == "time-limit"
+    assert _steps(stopped.info.run_id) == [1]
+    assert interrupts.deadline() is None  # the limit was the command's, not the process's
+
+    monkeypatch.setattr(tracking, "log_metrics", real_log)
+    result = CliRunner().invoke(cli.cli, args)
+    assert result.exit_code == 0, result.output
+    run = client.get_run(stopped.info.run_id)
+    assert run.info.status == "FINISHED" and _steps(run.info.run_id) == [1, 2, 3]
+    assert run.data.tags["last_interruption"].startswith("time-limit: TimeUp: time limit: train epoch 2/3")
+
+
+def test_time_limit_must_be_a_positive_duration():
+    from click.testing import CliRunner
+
+    from prunetrack import cli
+
+    for bad, said in (("90", "is not a duration"), ("2 hours", "is not a duration"), ("0m", "is no time at all")):
+        result = CliRunner().invoke(cli.cli, ["sweep", os.path.join(REPO, "sweeps", "smoke.yaml"), "--time-limit", bad])
+        assert result.exit_code == 2 and said in result.output and "2h30m" in result.output, result.output
+    assert cli.Duration().convert("2h30m", None, None) == 9000.0
+    assert cli.Duration().convert("1.5h", None, None) == 5400.0 and cli.Duration().convert("45s", None, None) == 45.0
+
+
 def _interrupted_after_epoch_1(cfg: JobConfig, monkeypatch) -> None:
     """Run `cfg` until its first epoch is checkpointed and logged, then Ctrl-C."""
     real_fit = job.training.fit

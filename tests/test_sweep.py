@@ -201,6 +201,9 @@ def test_estimates_use_the_epochs_of_runs_of_the_same_training_on_the_same_devic
     assert rates.train == 50_000 / 100.0 and rates.test == 1000.0 and rates.prune_round == {"snip": 2.0}
     assert source == "the median of 6 epochs of 3 finished runs on this kind of device"
     assert estimate.seconds(cfg, rates) == 2.0 + 10 * (100.0 + 10.0) + (cfg.run.timing_repeats + 1) * 10.0
+    # What a time limit weighs before starting a cell: its pruning, if still to do, and one epoch.
+    assert estimate.next_save(cfg, rates) == 2.0 + 100.0 + 10.0
+    assert estimate.next_save(cfg, rates, done_epochs=3) == estimate.next_save(cfg, rates, "pretrain") == 110.0
     assert estimate.measured(cfg, records, "cpu (x86_64, 2 threads)", "fp32") is None
 
 
@@ -356,6 +359,57 @@ def test_max_cells_runs_a_piece_of_the_sweep_and_the_next_run_goes_on(tmp_path, 
     summary = sweep.run_sweep(specs.load_spec(path), max_cells=5, echo=lambda line: None)
     assert [(r.cell.key, r.status) for r in summary.results] == [("compression=10", "skipped"),
                                                                   ("compression=2", "finished")]
+
+
+def test_a_time_limit_stops_a_cell_at_its_checkpoint_and_leaves_the_rest_for_later(tmp_path, mlflow_store,
+                                                                                     monkeypatch):
+    path = write_spec(tmp_path, {"compression": [10, 2]}, name="timed")
+    result = CliRunner().invoke(cli.cli, ["sweep", path, "--time-limit", "soon"])
+    assert result.exit_code == 2 and "'soon' is not a duration" in result.output
+    # The limit (1 ms) has passed when the first cell's job reaches its first epoch, which it
+    # does not start. The estimate-based check before a cell starts lets only the first one through.
+    in_time = sweep._in_time
+    monkeypatch.setattr(sweep, "_in_time", lambda todo, experiment, deadline: lambda cell: cell is todo[0])
+    said = []
+    summary = sweep.run_sweep(specs.load_spec(path), time_limit=0.001, echo=said.append)
+    assert [(r.cell.key, r.status) for r in summary.results] == [("compression=10", "stopped"),
+                                                                  ("compression=2", "later")]
+    assert any(line.startswith("sweep timed: 2 cells: 0 finished, 0 skipped (already finished), 0 failed, 1 stopped "
+                               "at the time limit (resumes from its checkpoint), 1 left for a later run (--time-limit)")
+               for line in said), said
+    assert ("not started: compression=2 (resnet20-rand-2x-s0): its first epoch would not be saved before the time "
+            "limit") in said
+    [cell] = children()
+    assert cell.info.status == "KILLED" and cell.data.tags["interrupted"] == "time-limit"
+    [parent] = parents()
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["cells_stopped"] == 1 and parent.data.metrics["cells_later"] == 1
+    # Without a limit, the next run resumes the stopped cell in its own run and runs the other.
+    monkeypatch.setattr(sweep, "_in_time", in_time)
+    summary = sweep.run_sweep(specs.load_spec(path), echo=lambda line: None)
+    assert [r.status for r in summary.results] == ["finished", "finished"]
+    assert summary.results[0].run_id == cell.info.run_id
+    assert mlflow.MlflowClient().get_run(cell.info.run_id).data.tags["resumed_at_epoch"] == "0"
+
+
+def test_a_cell_whose_first_epoch_would_end_after_the_time_limit_is_not_started(tmp_path, monkeypatch):
+    from prunetrack import job, training
+
+    [cell, other] = specs.load_spec(write_spec(tmp_path, {"model": ["resnet20", "resnet32"]})).cells
+    device = job.device_name(job.resolve_device("cpu"))
+    # Earlier runs of the first cell's training here: 600 s an epoch (the second cell's model has none).
+    record = {"tags": {"model": "resnet20", "dataset": "synthetic", "device": device, "pruner": "rand",
+                       "precision": training.resolve_precision(cell.config.train.precision, job.resolve_device("cpu"))},
+              "params": {"batch_size": "100", "test_batch_size": "100", "optimizer": "adam", "train_subset": "200",
+                         "test_subset": "100", "iterations": "1"},
+              "epoch_times": [600.0], "metrics": {"test_images_per_sec": 100.0, "pruning_time": 1.0}}
+    monkeypatch.setattr(tracking, "speed_records", lambda experiment: [record])
+    in_half_an_hour = sweep._in_time([cell, other], "sweeps", time.time() + 1800)
+    assert in_half_an_hour(cell) and in_half_an_hour(other)
+    in_five_minutes = sweep._in_time([cell, other], "sweeps", time.time() + 300)
+    assert not in_five_minutes(cell)  # 1 s of pruning, 600 s of training and 1 s of testing: too long
+    assert in_five_minutes(other)  # no estimate: started, its job stops itself at the limit
+    assert not sweep._in_time([other], "sweeps", time.time() - 1)(other)  # once the limit has passed, nothing
 
 
 @pytest.mark.slow
