@@ -33,13 +33,16 @@ def _option(f):
 
 
 class Duration(click.ParamType):
-    """A length of time such as 2h30m, 90m, 45s or 1h (units h, m, s), as seconds."""
+    """A length of time such as 2h30m, 90m, 45s or 1h (units h, m, s), as seconds; empty:
+    none (what MLproject passes for an unset time limit)."""
 
     name = "duration"
 
     def convert(self, value, param, ctx):
         if isinstance(value, (int, float)):
             return float(value)
+        if not value.strip():
+            return None
         m = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s)?\s*", value)
         if not m or not any(m.groups()):
             self.fail(f"{value!r} is not a duration: give hours, minutes and/or seconds, such as 2h30m, 90m or 45s",

@@ -16,7 +16,9 @@ def test_mlproject_prune_exposes_every_parameter_with_its_default():
         spec = yaml.safe_load(f)
     entry = spec["entry_points"]["prune"]
     fields = {f.name: f for f in config.fields() if f.metadata["mlproject"]}
-    assert set(entry["parameters"]) == set(fields)
+    # and the job's time limit, which is no hyperparameter ("": none)
+    assert set(entry["parameters"]) == set(fields) | {"time_limit"}
+    assert entry["parameters"]["time_limit"]["default"] == "" and "--time-limit {time_limit}" in entry["command"]
     for name, f in fields.items():
         default = entry["parameters"][name]["default"]
         if isinstance(f.default, bool):

@@ -155,6 +155,7 @@ def test_time_limit_must_be_a_positive_duration():
         assert result.exit_code == 2 and said in result.output and "2h30m" in result.output, result.output
     assert cli.Duration().convert("2h30m", None, None) == 9000.0
     assert cli.Duration().convert("1.5h", None, None) == 5400.0 and cli.Duration().convert("45s", None, None) == 45.0
+    assert cli.Duration().convert("", None, None) is None  # MLproject's default: no limit
 
 
 def _interrupted_after_epoch_1(cfg: JobConfig, monkeypatch) -> None:
