@@ -147,7 +147,7 @@ def run_sweep(spec: Spec, parallel: int = 1, executor: str = "local", ray_addres
                  f"{time.strftime('%Y-%m-%d %H:%M:%S %Z', time.localtime(deadline))}, and a cell that could not "
                  "save its first epoch by then is left for a later run")
         progress = _Progress(len(plan), len(skipped), len(todo), start, echo,
-                             _estimates(todo, experiment), parallel if executor == "local" else 1)
+                             _estimates(todo, experiment), parallel if executor == "local" else 1, deadline)
         if executor == "local":
             stream = run_local(todo, envs, parallel, progress.started, may_start)
         else:
@@ -364,8 +364,8 @@ class _Progress:
     earlier runs' epochs) over `parallel`, or, without them, the time per cell so far."""
 
     def __init__(self, total: int, skipped: int, todo: int, start: float, echo,
-                 estimates: dict[str, float] | None = None, parallel: int = 1):
-        self.total, self.done, self.left, self.ran = total, skipped, todo, 0
+                 estimates: dict[str, float] | None = None, parallel: int = 1, deadline: float | None = None):
+        self.total, self.done, self.left, self.ran, self.deadline = total, skipped, todo, 0, deadline
         self.start, self.first, self.echo = start, None, echo
         self.estimates, self.parallel = dict(estimates) if estimates else None, parallel
         self.lock = threading.Lock()
@@ -387,8 +387,9 @@ class _Progress:
     def _times(self) -> str:
         now = time.time()
         elapsed = now - self.start
+        limit = f", time limit in {clock(max(self.deadline - now, 0))}" if self.deadline is not None else ""
         if self.estimates is not None:
-            return f"elapsed {clock(elapsed)}, ETA {clock(sum(self.estimates.values()) / self.parallel)}"
+            return f"elapsed {clock(elapsed)}, ETA {clock(sum(self.estimates.values()) / self.parallel)}{limit}"
         rate = (now - (self.first or now)) / self.ran if self.ran else None  # from the first cell's start
         eta = clock(rate * self.left) if rate is not None else ("0:00:00" if self.left <= 0 else "?")
-        return f"elapsed {clock(elapsed)}, ETA {eta}"
+        return f"elapsed {clock(elapsed)}, ETA {eta}{limit}"

@@ -379,6 +379,8 @@ def test_a_time_limit_stops_a_cell_at_its_checkpoint_and_leaves_the_rest_for_lat
                for line in said), said
     assert ("not started: compression=2 (resnet20-rand-2x-s0): its first epoch would not be saved before the time "
             "limit") in said
+    assert any(line.startswith("[0/2] start compression=10") and line.endswith(", time limit in 0:00:00")
+               for line in said), said
     [cell] = children()
     assert cell.info.status == "KILLED" and cell.data.tags["interrupted"] == "time-limit"
     [parent] = parents()
