@@ -198,7 +198,7 @@ class Diverged(FloatingPointError):
 def fit(model: nn.Module, train_batches, test_batches, epochs: int, opt, sched,
         on_epoch: Callable[[int, dict], bool | None], label: str = "train", precision: str = "fp32",
         start_epoch: int = 0, stop_by: Callable[[], int] | None = None,
-        first_estimate: float | None = None) -> int:
+        first_estimate: float | None = None, final_evals: int = 0) -> int:
     """Train epochs start_epoch+1 .. `epochs`, evaluating after each; `on_epoch(epoch,
     metrics)` checkpoints and logs, and may return True to stop early. Returns the last
     epoch run. Each epoch's line ends with an estimate of the time left in the phase;
@@ -206,15 +206,20 @@ def fit(model: nn.Module, train_batches, test_batches, epochs: int, opt, sched,
     improves again, read after on_epoch), with both that and the time to `epochs`.
     Raises Diverged when an epoch's training loss is nan or inf, and interrupts.TimeUp
     rather than start an epoch that would not end before the time limit (as long as the
-    epochs run here so far, else `first_estimate`; without either, only once it has passed)."""
-    spent, done, epoch = 0.0, 0, start_epoch
+    epochs run here so far, else `first_estimate`; without either, only once it has passed;
+    the last epoch with the `final_evals` passes over the test set that follow it, at the
+    evaluation time measured here)."""
+    spent, done, epoch, evaluating = 0.0, 0, start_epoch, 0.0
     for epoch in range(start_epoch + 1, epochs + 1):
         expected = spent / done if done else first_estimate
+        then = f"an epoch takes ~{clock(expected or 0)}"
+        if epoch == epochs and final_evals and done:
+            expected += final_evals * evaluating / done
+            then += f", the measurements after the last ~{clock(final_evals * evaluating / done)}"
         if not interrupts.time_left(expected):
             left = interrupts.deadline() - interrupts.time.time()
-            raise interrupts.TimeUp(
-                f"time limit: {label} epoch {epoch}/{epochs} would not end before it; "
-                + (f"an epoch takes ~{clock(expected)}, {clock(left)} was left" if left > 0 else "it had passed"))
+            raise interrupts.TimeUp(f"time limit: {label} epoch {epoch}/{epochs} would not end before it; "
+                                    + (f"{then}, {clock(left)} was left" if left > 0 else "it had passed"))
         start = time.perf_counter()
         train_loss = train_epoch(model, train_batches, opt, Progress(f"{label} epoch {epoch}", len(train_batches)),
                                  precision)
@@ -223,6 +228,7 @@ def fit(model: nn.Module, train_batches, test_batches, epochs: int, opt, sched,
         sched.step()
         seconds = time.perf_counter() - start
         ev = evaluate(model, test_batches, precision, Progress(f"{label} epoch {epoch} evaluation", len(test_batches)))
+        evaluating += time.perf_counter() - start - seconds
         metrics = {"train_loss": train_loss, "test_loss": ev["loss"], "test_top1": ev["top1"],
                    "test_top5": ev["top5"], "epoch_time": seconds}
         stop = on_epoch(epoch, metrics)

@@ -128,6 +128,38 @@ def test_an_epoch_line_bounds_the_time_left_of_a_phase_that_may_stop_early(capsy
     assert capsys.readouterr().out.strip().endswith("left in train)")  # the cap comes first: one bound
 
 
+def test_an_epoch_is_started_only_if_it_ends_before_the_time_limit(monkeypatch):
+    """After epoch 1 a second is left: enough for an epoch of this small network, but not for
+    the last epoch when the measurements after it take long (a million passes over the test set)."""
+    import time
+    import types
+
+    from prunetrack import interrupts
+
+    ahead = [0.0]
+    monkeypatch.setattr(interrupts, "time", types.SimpleNamespace(time=lambda: time.time() + ahead[0],
+                                                                  sleep=time.sleep))
+
+    def one_second_left(epoch, metrics):
+        ahead[0] = interrupts.deadline() - time.time() - 1.0
+
+    model = masking.add_masks(nn.Sequential(nn.Flatten(), nn.Linear(12, 4)))
+    opt, sched = training.make_optimizer("adam", model, 1e-3, 0.0, [], 0.1)
+    batches = [(torch.randn(8, 3, 2, 2), torch.randint(0, 4, (8,)))]
+    with interrupts.time_limited(3600):
+        assert training.fit(model, batches, batches, 2, opt, sched, one_second_left) == 2
+    ahead[0] = 0.0
+    with interrupts.time_limited(3600), pytest.raises(interrupts.TimeUp) as stop:
+        training.fit(model, batches, batches, 2, opt, sched, one_second_left, final_evals=10**6)
+    assert str(stop.value).startswith("time limit: train epoch 2/2 would not end before it; an epoch takes ~0:00:00, "
+                                      "the measurements after the last ~")
+    assert str(stop.value).endswith(", 0:00:01 was left")
+    assert interrupts.deadline() is None  # the limit ends with its block
+    # Without a limit nothing is checked.
+    ahead[0] = 1e9
+    assert training.fit(model, batches, batches, 2, opt, sched, lambda epoch, metrics: None, final_evals=10**6) == 2
+
+
 def test_device_name_tells_cpus_of_one_architecture_apart(monkeypatch):
     from prunetrack.job import device_name
 
