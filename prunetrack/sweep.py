@@ -155,9 +155,8 @@ def run_sweep(spec: Spec, parallel: int = 1, executor: str = "local", ray_addres
         with _close_cells_left_running(experiment, parent.info.run_id, spec.name, results, echo), \
                 contextlib.closing(stream):
             for result in stream:
-                if result.status == "later":  # not started: the time limit was too near
+                if result.status == "later":  # not started: the time limit was too near (said below, at once)
                     results.append(result)
-                    echo(f"not started: {result.cell.key} ({result.cell.name}): {result.output}")
                     continue
                 # The cell's run, by its tags (a resumed run may have been created by an earlier sweep).
                 result.run_id = tracking.find_cell_run(
@@ -169,6 +168,12 @@ def run_sweep(spec: Spec, parallel: int = 1, executor: str = "local", ray_addres
                                             f"its run:\n{result.output[-2000:]}")
                 results.append(result)
                 progress.finished(result)
+        unstarted = [r.cell for r in results if r.status == "later"]
+        if unstarted:
+            shown = ", ".join(f"{c.key} ({c.name})" for c in unstarted[:3])
+            echo(f"time limit: {plural(len(unstarted), 'cell')} not started, as {'its' if len(unstarted) == 1 else 'their'}"
+                 f" first epoch would not be saved in time: {shown}"
+                 + (f", … {len(unstarted) - 3} more" if len(unstarted) > 3 else ""))
         summary = Summary(spec.name, sorted(results + later, key=lambda r: plan.index(r.cell)) + shared,
                           time.time() - start,
                           ", ".join(o for o, given in (("--max-cells", later),

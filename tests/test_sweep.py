@@ -377,8 +377,8 @@ def test_a_time_limit_stops_a_cell_at_its_checkpoint_and_leaves_the_rest_for_lat
     assert any(line.startswith("sweep timed: 2 cells: 0 finished, 0 skipped (already finished), 0 failed, 1 stopped "
                                "at the time limit (resumes from its checkpoint), 1 left for a later run (--time-limit)")
                for line in said), said
-    assert ("not started: compression=2 (resnet20-rand-2x-s0): its first epoch would not be saved before the time "
-            "limit") in said
+    assert ("time limit: 1 cell not started, as its first epoch would not be saved in time: compression=2 "
+            "(resnet20-rand-2x-s0)") in said
     assert any(line.startswith("[0/2] start compression=10") and line.endswith(", time limit in 0:00:00")
                for line in said), said
     [cell] = children()
