@@ -181,7 +181,9 @@ def train_phase(s: Setup, cfg: JobConfig, ckpt: checkpoint.Checkpoint, state: di
             training.fit(s.net, s.train_batches, s.test_batches, epochs, opt, sched, on_epoch, label=phase,
                          precision=t.precision, start_epoch=start,
                          stop_by=(lambda: best["epoch"] + patience) if patience else None,
-                         first_estimate=statistics.median(walls) if walls else None,
+                         # the median epoch, of this piece and the earlier ones: one disturbed epoch
+                         # (another job sharing the machine) does not stop the phase early
+                         epoch_estimate=lambda: statistics.median(walls) if walls else None,
                          # after the training phase, the final measurements evaluate the test set again
                          final_evals=cfg.run.timing_repeats + 1 if phase == "train" else 0)
         except training.Diverged as e:  # the run ends FAILED (job_run); the tag and the loss show why

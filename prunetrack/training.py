@@ -198,20 +198,21 @@ class Diverged(FloatingPointError):
 def fit(model: nn.Module, train_batches, test_batches, epochs: int, opt, sched,
         on_epoch: Callable[[int, dict], bool | None], label: str = "train", precision: str = "fp32",
         start_epoch: int = 0, stop_by: Callable[[], int] | None = None,
-        first_estimate: float | None = None, final_evals: int = 0) -> int:
+        epoch_estimate: Callable[[], float | None] | None = None, final_evals: int = 0) -> int:
     """Train epochs start_epoch+1 .. `epochs`, evaluating after each; `on_epoch(epoch,
     metrics)` checkpoints and logs, and may return True to stop early. Returns the last
     epoch run. Each epoch's line ends with an estimate of the time left in the phase;
     with `stop_by` (the epoch by which an early stop ends the phase unless the test loss
     improves again, read after on_epoch), with both that and the time to `epochs`.
     Raises Diverged when an epoch's training loss is nan or inf, and interrupts.TimeUp
-    rather than start an epoch that would not end before the time limit (as long as the
-    epochs run here so far, else `first_estimate`; without either, only once it has passed;
-    the last epoch with the `final_evals` passes over the test set that follow it, at the
-    evaluation time measured here)."""
+    rather than start an epoch that would not end before the time limit: as long as
+    `epoch_estimate()` says an epoch takes, else the mean of the epochs run here (without
+    either, it stops only once the limit has passed); the last epoch with the `final_evals`
+    passes over the test set that follow it, at the evaluation time measured here."""
     spent, done, epoch, evaluating = 0.0, 0, start_epoch, 0.0
     for epoch in range(start_epoch + 1, epochs + 1):
-        expected = spent / done if done else first_estimate
+        expected = epoch_estimate() if epoch_estimate else None
+        expected = expected if expected is not None else (spent / done if done else None)
         then = f"an epoch takes ~{clock(expected or 0)}"
         if epoch == epochs and final_evals and done:
             expected += final_evals * evaluating / done

@@ -155,6 +155,10 @@ def test_an_epoch_is_started_only_if_it_ends_before_the_time_limit(monkeypatch):
                                       "the measurements after the last ~")
     assert str(stop.value).endswith(", 0:00:01 was left")
     assert interrupts.deadline() is None  # the limit ends with its block
+    # The job's estimate (the median of its saved epochs) comes first: a 2-hour epoch is not begun in 1 hour.
+    with interrupts.time_limited(3600), pytest.raises(interrupts.TimeUp, match=r"train epoch 1/2 would not end "
+                                                                                r"before it; an epoch takes ~2:00:00, (0:59:59|1:00:00) was left"):
+        training.fit(model, batches, batches, 2, opt, sched, lambda epoch, metrics: None, epoch_estimate=lambda: 7200.0)
     # Without a limit nothing is checked.
     ahead[0] = 1e9
     assert training.fit(model, batches, batches, 2, opt, sched, lambda epoch, metrics: None, final_evals=10**6) == 2
