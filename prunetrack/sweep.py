@@ -142,7 +142,7 @@ def run_sweep(spec: Spec, parallel: int = 1, executor: str = "local", ray_addres
         if deadline is not None:
             for env in envs.values():
                 env[interrupts.DEADLINE_ENV] = repr(deadline)
-            may_start = _in_time(todo, experiment, deadline)
+            may_start = _in_time(todo, experiment, deadline, results)
             echo(f"time limit {clock(time_limit)}: cells stop at their last checkpoint before "
                  f"{time.strftime('%Y-%m-%d %H:%M:%S %Z', time.localtime(deadline))}, and a cell that could not "
                  "save its first epoch by then is left for a later run")
@@ -335,16 +335,20 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _in_time(todo: list[Cell], experiment: str, deadline: float) -> Callable[[Cell], bool]:
+def _in_time(todo: list[Cell], experiment: str, deadline: float, results: list[Result]) -> Callable[[Cell], bool]:
     """Whether a cell, started now, would save its next epoch before `deadline`: by the
     epochs of earlier runs of its training here; a cell without such runs is started (its
-    job still stops before an epoch once the limit has passed)."""
+    job still stops before an epoch once the limit has passed). None once a cell of
+    `results` (this sweep's, so far) was stopped by the limit: that cell measured the
+    machine as it is now, which may be slower than the earlier runs say."""
     from prunetrack import checkpoint, estimate
 
     estimator = estimate.Estimator(tracking.speed_records(experiment), {c.config.prune.pruner for c in todo},
                                    probe=False)
 
     def may_start(cell: Cell) -> bool:
+        if any(r.status == "stopped" for r in results):
+            return False
         saved = checkpoint.peek(cell.config.run.checkpoint_dir, cell.checkpoint_key)
         needed = estimator.next_save(cell.config, cell.kind, saved["epoch"] if saved else 0)
         return time.time() + (needed or 0.0) <= deadline
