@@ -26,7 +26,7 @@ class Result:
     status: str       # finished | failed | stopped (time limit) | skipped | shared | later | planned (--dry-run)
     seconds: float = 0.0
     run_id: str | None = None  # found by the run's tags once the cell's process ended
-    output: str = ""  # the cell process's output (tail), for failures; why a `later` cell did not start
+    output: str = ""  # the cell process's output (tail), for failures
 
 
 def status_of(code: int) -> str:
@@ -136,7 +136,7 @@ def run_local(cells: list[Cell], envs: dict[str, dict[str, str]], parallel: int,
             if stopping.is_set():
                 return Result(cell, "failed", output="not started: the sweep was stopped"), gpu
             if may_start is not None and not may_start(cell):
-                return Result(cell, "later", output="its first epoch would not be saved before the time limit"), gpu
+                return Result(cell, "later"), gpu
             env = dict(envs[cell.key])
             # A cell that names its GPU (device cuda:N) sees the GPUs the sweep sees: pinned
             # to one, its cuda:N would be another GPU or none.

@@ -60,11 +60,17 @@ def time_limited(seconds: float | None):
         _deadline = previous
 
 
+def seconds_left() -> float | None:
+    """Seconds until the time limit (negative once it has passed), or None without one."""
+    when = deadline()
+    return None if when is None else when - time.time()
+
+
 def time_left(estimate: float | None) -> bool:
     """Whether work expected to take `estimate` seconds (None: unknown, counted as 0) ends
     before the time limit; always True without one."""
-    when = deadline()
-    return when is None or time.time() + (estimate or 0.0) <= when
+    left = seconds_left()
+    return left is None or (estimate or 0.0) <= left
 
 
 # The pid of the process that started this job (a sweep sets it for its cells). A cell

@@ -138,16 +138,17 @@ def run_sweep(spec: Spec, parallel: int = 1, executor: str = "local", ray_addres
         tracking.describe(f"{about}Sweep {spec.name}: {len(todo)} of {plural(len(plan), 'cell')} to run as it started "
                           f"({len(skipped)} finished before).")
         envs = {c.key: cell_env(c, spec.name, parent.info.run_id, uri) for c in todo}
+        estimator = _estimator(todo, experiment)
         may_start = None
         if deadline is not None:
             for env in envs.values():
                 env[interrupts.DEADLINE_ENV] = repr(deadline)
-            may_start = _in_time(todo, experiment, deadline, results)
+            may_start = _in_time(estimator, deadline, results)
             echo(f"time limit {clock(time_limit)}: cells stop at their last checkpoint before "
                  f"{time.strftime('%Y-%m-%d %H:%M:%S %Z', time.localtime(deadline))}, and a cell that could not "
                  "save its first epoch by then is left for a later run")
         progress = _Progress(len(plan), len(skipped), len(todo), start, echo,
-                             _estimates(todo, experiment), parallel if executor == "local" else 1, deadline)
+                             _estimates(todo, estimator), parallel if executor == "local" else 1, deadline)
         if executor == "local":
             stream = run_local(todo, envs, parallel, progress.started, may_start)
         else:
@@ -335,16 +336,21 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _in_time(todo: list[Cell], experiment: str, deadline: float, results: list[Result]) -> Callable[[Cell], bool]:
-    """Whether a cell, started now, would save its next epoch before `deadline`: by the
-    epochs of earlier runs of its training here; a cell without such runs is started (its
-    job still stops before an epoch once the limit has passed). None once a cell of
-    `results` (this sweep's, so far) was stopped by the limit: that cell measured the
-    machine as it is now, which may be slower than the earlier runs say."""
-    from prunetrack import checkpoint, estimate
+def _estimator(todo: list[Cell], experiment: str):
+    """The estimates of the cells of `todo` from the epochs of earlier runs of their training
+    on this kind of device (no probe: the sweep starts at once)."""
+    from prunetrack import estimate
 
-    estimator = estimate.Estimator(tracking.speed_records(experiment), {c.config.prune.pruner for c in todo},
-                                   probe=False)
+    return estimate.Estimator(tracking.speed_records(experiment), {c.config.prune.pruner for c in todo}, probe=False)
+
+
+def _in_time(estimator, deadline: float, results: list[Result]) -> Callable[[Cell], bool]:
+    """Whether a cell, started now, would save its next epoch before `deadline`, by
+    `estimator`; a cell it cannot estimate is started (its job still stops before an epoch
+    once the limit has passed). Never once a cell of `results` (this sweep's, so far) was
+    stopped by the limit: that cell measured the machine as it is now, which may be slower
+    than the earlier runs say."""
+    from prunetrack import checkpoint
 
     def may_start(cell: Cell) -> bool:
         if any(r.status == "stopped" for r in results):
@@ -356,13 +362,9 @@ def _in_time(todo: list[Cell], experiment: str, deadline: float, results: list[R
     return may_start
 
 
-def _estimates(todo: list[Cell], experiment: str) -> dict[str, float] | None:
-    """Each cell's estimated seconds, from the epochs of earlier runs of its training on this
-    kind of device; None unless every cell has one (no probe: the sweep starts at once)."""
-    from prunetrack import estimate
-
-    estimator = estimate.Estimator(tracking.speed_records(experiment), {c.config.prune.pruner for c in todo},
-                                   probe=False)
+def _estimates(todo: list[Cell], estimator) -> dict[str, float] | None:
+    """Each cell's estimated seconds by `estimator` (see _estimator); None unless every cell
+    has one."""
     found = {c.key: left for c, _, left in cell_states(todo, {}, estimator)}
     return found if all(v is not None for v in found.values()) else None
 

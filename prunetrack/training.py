@@ -218,7 +218,7 @@ def fit(model: nn.Module, train_batches, test_batches, epochs: int, opt, sched,
             expected += final_evals * evaluating / done
             then += f", the measurements after the last ~{clock(final_evals * evaluating / done)}"
         if not interrupts.time_left(expected):
-            left = interrupts.deadline() - interrupts.time.time()
+            left = interrupts.seconds_left()
             raise interrupts.TimeUp(f"time limit: {label} epoch {epoch}/{epochs} would not end before it; "
                                     + (f"{then}, {clock(left)} was left" if left > 0 else "it had passed"))
         start = time.perf_counter()

@@ -369,7 +369,7 @@ def test_a_time_limit_stops_a_cell_at_its_checkpoint_and_leaves_the_rest_for_lat
     # The limit (1 ms) has passed when the first cell's job reaches its first epoch, which it
     # does not start. The estimate-based check before a cell starts lets only the first one through.
     in_time = sweep._in_time
-    monkeypatch.setattr(sweep, "_in_time", lambda todo, experiment, deadline, results: lambda cell: cell is todo[0])
+    monkeypatch.setattr(sweep, "_in_time", lambda estimator, deadline, results: lambda cell: cell.key == "compression=10")
     said = []
     summary = sweep.run_sweep(specs.load_spec(path), time_limit=0.001, echo=said.append)
     assert [(r.cell.key, r.status) for r in summary.results] == [("compression=10", "stopped"),
@@ -407,12 +407,13 @@ def test_a_cell_whose_first_epoch_would_end_after_the_time_limit_is_not_started(
               "epoch_times": [600.0], "metrics": {"test_images_per_sec": 100.0, "pruning_time": 1.0}}
     monkeypatch.setattr(tracking, "speed_records", lambda experiment: [record])
     results = []
-    in_half_an_hour = sweep._in_time([cell, other], "sweeps", time.time() + 1800, results)
+    estimator = sweep._estimator([cell, other], "sweeps")
+    in_half_an_hour = sweep._in_time(estimator, time.time() + 1800, results)
     assert in_half_an_hour(cell) and in_half_an_hour(other)
-    in_five_minutes = sweep._in_time([cell, other], "sweeps", time.time() + 300, results)
+    in_five_minutes = sweep._in_time(estimator, time.time() + 300, results)
     assert not in_five_minutes(cell)  # 1 s of pruning, 600 s of training and 1 s of testing: too long
     assert in_five_minutes(other)  # no estimate: started, its job stops itself at the limit
-    assert not sweep._in_time([other], "sweeps", time.time() - 1, results)(other)  # once the limit has passed, nothing
+    assert not sweep._in_time(estimator, time.time() - 1, results)(other)  # once the limit has passed, nothing
     # Once a cell was stopped by the limit, no other starts: this machine, now, is slower than the estimates.
     results.append(executors.Result(cell, "stopped"))
     assert not in_half_an_hour(other) and not in_half_an_hour(cell)

@@ -46,6 +46,11 @@ class Curves(NamedTuple):
     points: dict[str, list[tuple[float, Stat, bool]]]
     left_out: list[tuple[str, float]]
 
+    @property
+    def hollow(self) -> bool:
+        """Whether any point is drawn hollow."""
+        return any(h for points in self.points.values() for _, _, h in points)
+
 
 def curves(study: Study, metric: Metric) -> Curves:
     """The points of each pruner's curve of `metric`. A testing time taken on another device
@@ -94,7 +99,7 @@ def figure_vs_compression(study: Study, metric: Metric, path: str) -> Curves | N
     if base is not None and not (metric.key == TIMED_TEST_TIME.key and tables.timed_elsewhere(study, runs)):
         # at 1x no pruner removes a weight: one dense reference for every curve
         ax.axhline(base.mean * metric.scale, color="0.4", ls=":", label=f"dense (1x), n={base.n}")
-    if any(h for points in drawn.points.values() for _, _, h in points):
+    if drawn.hollow:
         ax.plot([], [], ls="", marker="o", mfc="white", mec="0.3",
                 label=f"{OTHER_PRECISION} trained in {join_words(study.other_precisions(study.runs))}")
     ax.set_xscale("log")
@@ -213,7 +218,7 @@ def draw(s: Study, out: str) -> list[tuple[str, str]]:
         drawn = figure_vs_compression(s, metric, os.path.join(out, file))
         if drawn:
             extra = f" Testing time: {time_words(s)}." if metric is s.time_metric else ""
-            if any(h for points in drawn.points.values() for _, _, h in points):
+            if drawn.hollow:
                 extra += (f" Hollow markers: cells trained in another precision than the study's {s.precision} "
                           f"({OTHER_PRECISION} in Tables 1-2).")
             if drawn.left_out:
