@@ -209,7 +209,8 @@ def report(experiment, name, output_dir, models, compressions, pruners, dataset)
               help="local: subprocesses of this command; ray: one Ray task per cell (pip install 'prunetrack[ray]').")
 @click.option("--ray-address", default=None,
               help="Ray cluster to run on (default: RAY_ADDRESS, else a local Ray instance).")
-@click.option("--dry-run", is_flag=True, help="List the cells and which would be skipped; run nothing.")
+@click.option("--dry-run", is_flag=True, help="List the cells, which would be skipped and their estimated times; run nothing. "
+                   "With --time-limit: which cells that limit would finish, stop part-way, or leave.")
 @click.option("--allow-precision-change", is_flag=True,
               help="Run the cells left even where this machine trains them in another precision than the "
                    "finished cells (precision auto: bf16 where it is native, fp32 elsewhere).")

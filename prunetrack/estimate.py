@@ -149,6 +149,23 @@ def next_save(cfg: JobConfig, rates: Rates, kind: str = "prune", done_epochs: in
                                         if prune else 0.0)
 
 
+def epochs_within(cfg: JobConfig, rates: Rates, available: float, kind: str = "prune", done_epochs: int = 0,
+                  pre_epochs: int | None = None) -> int:
+    """The epoch a cell with `done_epochs` saved will have saved `available` seconds from now:
+    where a time limit stops it. As the job decides (training.fit): its pruning comes first,
+    an epoch starts only if it ends in time, and the last epoch only if the final test
+    passes end in time too (a pre-training has none)."""
+    total = (pre_epochs or cfg.train.pre_epochs) if kind == "pretrain" else cfg.train.post_epochs
+    per_epoch = epoch_seconds(cfg, rates)
+    first = next_save(cfg, rates, kind, done_epochs)  # the pruning, if still to do, and one epoch
+    if done_epochs >= total or available < first:
+        return min(done_epochs, total)
+    reached = min(done_epochs + 1 + int((available - first) // per_epoch), total)
+    if reached == total and kind == "prune" and available < seconds(cfg, rates, kind, done_epochs):
+        reached -= 1  # the final test passes would end after the limit: the last epoch is not started
+    return reached
+
+
 class Estimator:
     """Each cell's time left on this machine: its epochs to go at the rates of earlier runs
     of the same training (`records`, from tracking.speed_records) or, with `probe`, of a
@@ -187,6 +204,12 @@ class Estimator:
         """`next_save` at this machine's rates (None: no estimate)."""
         rates = self.rates_for(cfg)
         return None if rates is None else next_save(cfg, rates, kind, done_epochs)
+
+    def epochs_within(self, cfg: JobConfig, kind: str, done_epochs: int, available: float) -> int | None:
+        """`epochs_within` at this machine's rates (None: no estimate)."""
+        rates = self.rates_for(cfg)
+        return None if rates is None else epochs_within(
+            cfg, rates, available, kind, done_epochs, self.pretrain_epochs(cfg) if kind == "pretrain" else None)
 
     def pretrain_epochs(self, cfg: JobConfig) -> int | None:
         """How many epochs a pre-training that stops on patience will take: as many as the

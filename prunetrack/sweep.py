@@ -112,7 +112,7 @@ def run_sweep(spec: Spec, parallel: int = 1, executor: str = "local", ray_addres
         echo("WARNING: " + changed + ("" if allow_precision_change else
                                       "; the sweep will refuse to run them without --allow-precision-change"))
     if dry_run:
-        dry_run_table(spec, plan, done, parallel if executor == "local" else 1, echo, experiment)
+        dry_run_table(spec, plan, done, parallel if executor == "local" else 1, echo, experiment, time_limit)
         return Summary(spec.name, skipped + shared + [Result(c, "planned") for c in todo], time.time() - start)
     later = [Result(c, "later") for c in todo[max_cells:]] if max_cells is not None else []
     if later:
@@ -272,15 +272,17 @@ def cell_states(plan: list[Cell], done: dict[str, str], estimator) -> list[tuple
 
 
 def dry_run_table(spec: Spec, plan: list[Cell], done: dict[str, str], parallel: int,
-                  echo: Callable[[str], None], experiment: str = "") -> float:
+                  echo: Callable[[str], None], experiment: str = "", time_limit: float | None = None) -> float:
     """List every cell with its state (finished / partial at epoch k of n / shared / pending)
     and its estimated time on this machine, from the epochs of earlier runs of the same
-    training here or else a short probe; returns the total seconds."""
+    training here or else a short probe; with `time_limit` (seconds), also what a sweep
+    started now with that limit would do with each cell left. Returns the total seconds."""
     from prunetrack import checkpoint, estimate
 
     estimator = estimate.Estimator(tracking.speed_records(experiment or spec.experiment),
                                    {c.config.prune.pruner for c in plan if c.config_hash not in done}, echo=echo)
     states = cell_states(plan, done, estimator)
+    verdicts = {} if time_limit is None else by_the_limit(states, done, estimator, time_limit, max(parallel, 1))
     # "done after": from now until the cell would finish, the cells running in the plan's order
     # (over `parallel` when several run at once: an approximation), so that a study run in
     # pieces can be planned, e.g. how long until every cell of a table has a run.
@@ -288,12 +290,25 @@ def dry_run_table(spec: Spec, plan: list[Cell], done: dict[str, str], parallel: 
     for c, state, left in states:
         total += left or 0.0
         rows.append((c.key, c.name, state, clock(left or 0.0),
-                     "" if c.config_hash in done else clock(total / max(parallel, 1))))
-    rows += [(c.key, c.name, "shared: computed by " + c.shared_with, clock(0), "") for c in spec.cells if c.shared_with]
+                     "" if c.config_hash in done else clock(total / max(parallel, 1)), verdicts.get(c.key, "")))
+    rows += [(c.key, c.name, "shared: computed by " + c.shared_with, clock(0), "", "")
+             for c in spec.cells if c.shared_with]
     # Columns as wide as their longest entry, so that long cell keys (overrides) stay aligned.
     widths = [max(len(r[i]) for r in [("cell", "run name", "state")] + rows) for i in range(3)]
-    for row in [("cell", "run name", "state", "estimate", "done after")] + rows:
-        echo("  " + " ".join(f"{v:{w}s}" for v, w in zip(row, widths)) + f" {row[3]:>9s} {row[4]:>10s}")
+    header = ("cell", "run name", "state", "estimate", "done after", "by the time limit" if verdicts else "")
+    for row in [header] + rows:
+        echo(("  " + " ".join(f"{v:{w}s}" for v, w in zip(row, widths)) + f" {row[3]:>9s} {row[4]:>10s}"
+              + (f"  {row[5]}" if row[5] else "")).rstrip())
+    if time_limit is not None:
+        counts = Counter(v.split(":")[0] for v in verdicts.values())
+        stops = [f"{c.name} {verdicts[c.key].split(': ', 1)[1]}" for c, _, _ in states
+                 if verdicts.get(c.key, "").startswith("stops")]
+        echo(f"time limit {clock(time_limit)} (until "
+             f"{time.strftime('%Y-%m-%d %H:%M %Z', time.localtime(time.time() + time_limit))}, were the sweep started "
+             f"now): {plural(counts['finishes'], 'cell')} would finish"
+             + (f", {stops[0]} (then stops at its checkpoint)" if stops else "")
+             + f", {counts['later']} left for a later run"
+             + (f", {counts['?']} not estimated" if counts["?"] else ""))
     for line in estimator.sources():
         echo("  " + line)
     checkpoint_dir = plan[0].config.run.checkpoint_dir if plan else ""
@@ -319,6 +334,41 @@ def dry_run_table(spec: Spec, plan: list[Cell], done: dict[str, str], parallel: 
     echo(f"estimated time for what is left: {clock(total / max(parallel, 1))}"
          + (f" ({parallel} at a time; {clock(total)} of cell time)" if parallel > 1 else "") + note)
     return total
+
+
+def by_the_limit(states: list[tuple[Cell, str, float | None]], done: dict[str, str], estimator,
+                 time_limit: float, parallel: int = 1) -> dict[str, str]:
+    """What a sweep started now with `time_limit` seconds would do with each cell left (by
+    cell key), as the sweep and its jobs decide: the cells run in the plan's order; one whose
+    next checkpoint would not be saved in time is not started (a shorter one after it may
+    be); one that would save some epochs but not finish stops at its last checkpoint, and
+    no cell starts after it. "finishes", "stops: after epoch k of n", "later", or "?" (no
+    estimate, for it and the cells after it)."""
+    from prunetrack import checkpoint
+
+    verdicts, used, stopped, unknown = {}, 0.0, False, False
+    for c, _, left in states:
+        if c.config_hash in done:
+            continue
+        if unknown or left is None:
+            verdicts[c.key], unknown = "?", True
+            continue
+        if stopped:
+            verdicts[c.key] = "later"
+            continue
+        cfg = c.config
+        saved = checkpoint.peek(cfg.run.checkpoint_dir, c.checkpoint_key)
+        start = saved["epoch"] if saved else 0
+        total = (estimator.pretrain_epochs(cfg) or cfg.train.pre_epochs) if c.kind == "pretrain" \
+            else cfg.train.post_epochs
+        reached = estimator.epochs_within(cfg, c.kind, start, time_limit - used / parallel)
+        if reached >= total:
+            verdicts[c.key], used = "finishes", used + left
+        elif reached > start:
+            verdicts[c.key], stopped = f"stops: after epoch {reached} of {total}", True
+        else:
+            verdicts[c.key] = "later"
+    return verdicts
 
 
 def join_epochs(counts: list) -> str:

@@ -11,6 +11,7 @@
 #                                  # --time-limit D, e.g. 2h30m: the sweep exits by then, its cell stopped at the
 #                                  # last checkpoint that fits, and starts no cell that could not save an epoch)
 #   bash scripts/study.sh status   # every cell's state and the time left (sweep --dry-run), and the log's tail
+#                                  # (--time-limit D: also which cells a start with that limit would finish)
 #   bash scripts/study.sh stop     # stop the sweep once the cell in training saved its next checkpoint
 #   bash scripts/study.sh finish   # stop, time the cells finished since the last pass, export them, regenerate the report
 #   bash scripts/study.sh import FILE  # runs made elsewhere (a GPU machine's export: scripts/device.sh) join the store
@@ -108,7 +109,14 @@ case "${1:-}" in
     echo "sweep started (pid $(cat sweep.pid)), code at $(git -C code rev-parse --short HEAD); log: $STUDY/sweep.log"
     ;;
   status)
-    prunetrack sweep "code/$SPEC" --dry-run
+    limit=()
+    case "${2:-}" in
+      "") ;;
+      --time-limit) [ -n "${3:-}" ] || { echo "study.sh: --time-limit takes a duration, such as 2h30m" >&2; exit 2; }
+                    limit=(--time-limit "$3") ;;
+      *) echo "study.sh status: unknown option '$2' (accepted: --time-limit D)" >&2; exit 2 ;;
+    esac
+    prunetrack sweep "code/$SPEC" --dry-run ${limit[@]+"${limit[@]}"}
     running && echo "running (pid $(cat sweep.pid)):" || echo "not running; last lines of the log:"
     grep -v '^      ' sweep.log | tail -n 5 || true
     ;;
@@ -137,7 +145,7 @@ case "${1:-}" in
     prunetrack time --experiment "$EXPERIMENT" --precision auto
     ;;
   *)
-    sed -n '2,23p' "$REPO/scripts/study.sh"
+    awk 'NR > 1 && !/^#/ {exit} NR > 1' "$REPO/scripts/study.sh"  # its usage: the comment at the top
     exit 2
     ;;
 esac

@@ -286,6 +286,41 @@ def test_study_specs_cover_the_study():
 
 # ---------------------------------------------------------------------------- running sweeps
 
+def test_a_dry_run_with_a_time_limit_says_which_cells_it_would_finish_stop_or_leave(tmp_path, mlflow_store,
+                                                                                    monkeypatch):
+    """Planning a piece of a long sweep: with --time-limit the dry run says, as the sweep
+    would decide, which cells finish, which stops at which checkpoint, and which are left."""
+    from prunetrack import job, training
+
+    path = write_spec(tmp_path, {"compression": [2, 5, 10]}, base={"post_epochs": 3})
+    device = job.resolve_device("cpu")
+    # Earlier runs here: 100 s of training and 1 s of testing an epoch, 2 s of pruning.
+    record = {"tags": {"model": "resnet20", "dataset": "synthetic", "device": job.device_name(device), "pruner": "rand",
+                       "precision": training.resolve_precision("auto", device)},
+              "params": {"batch_size": "100", "test_batch_size": "100", "optimizer": "adam", "train_subset": "200",
+                         "test_subset": "100", "iterations": "1"},
+              "epoch_times": [100.0], "metrics": {"test_images_per_sec": 100.0, "pruning_time": 2.0}}
+    monkeypatch.setattr(tracking, "speed_records", lambda experiment: [record])
+    cell = specs.load_spec(path).cells[0]
+    per_cell = 2 + 3 * 101 + (cell.config.run.timing_repeats + 1) * 1  # pruning, 3 epochs, the final test passes
+    # The first cell finishes; the second saves two epochs (a third would end after the limit); the third waits.
+    result = CliRunner().invoke(cli.cli, ["sweep", path, "--dry-run", "--time-limit", f"{per_cell + 2 + 2 * 101 + 50}s"])
+    assert result.exit_code == 0, result.output
+    verdict = {line.split()[0]: line.split("  ")[-1] for line in result.output.splitlines()
+               if line.startswith("  compression=")}
+    assert verdict == {"compression=2": "finishes", "compression=5": "stops: after epoch 2 of 3",
+                       "compression=10": "later"}, result.output
+    assert ("1 cell would finish, resnet20-rand-5x-s0 after epoch 2 of 3 (then stops at its checkpoint), "
+            "1 left for a later run") in result.output
+    # Too short for any first epoch: every cell is left; none is started to be stopped at once.
+    short = CliRunner().invoke(cli.cli, ["sweep", path, "--dry-run", "--time-limit", "90s"])
+    assert "0 cells would finish, 3 left for a later run" in short.output, short.output
+    # The last epoch of a cell counts its final test passes: a limit that fits the epochs but not
+    # them stops the cell before its last epoch.
+    tight = CliRunner().invoke(cli.cli, ["sweep", path, "--dry-run", "--time-limit", f"{per_cell - 1}s"])
+    assert "resnet20-rand-2x-s0 after epoch 2 of 3" in tight.output, tight.output
+
+
 @pytest.mark.slow
 def test_killed_sweep_resumes_only_missing_cells(tmp_path, mlflow_store):
     path = write_spec(tmp_path, {"compression": [2, 10]}, name="resume")
