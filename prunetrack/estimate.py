@@ -113,6 +113,14 @@ def measured(cfg: JobConfig, records: list[dict], device: str, precision: str) -
     return rates, f"the median of {plural(len(epochs), 'epoch')} of {plural(len(runs), 'finished run')} on this kind of device"
 
 
+def earlier_epoch(cfg: JobConfig, experiment: str) -> float | None:
+    """Seconds an epoch of `cfg`'s training, with its evaluation, took in the FINISHED runs of
+    `experiment` that trained it on this kind of device in this precision (`measured`); None
+    without such runs. What a job under a time limit expects of its first epoch."""
+    rates = Estimator(tracking.speed_records(experiment), set(), probe=False).rates_for(cfg)
+    return None if rates is None else epoch_seconds(cfg, rates)
+
+
 def probe_key(cfg: JobConfig) -> tuple:
     t = cfg.train
     return (cfg.model.model, cfg.data.dataset, t.batch_size, t.test_batch_size, t.precision, t.optimizer,

@@ -25,6 +25,7 @@ from prunetrack import (
     __version__,
     checkpoint,
     data,
+    estimate,
     interrupts,
     masking,
     measure,
@@ -172,6 +173,19 @@ def train_phase(s: Setup, cfg: JobConfig, ckpt: checkpoint.Checkpoint, state: di
         tracking.log_metrics(metrics, epoch)
         return stopped(epoch)
 
+    # For the time limit, an epoch takes the median of this run's epochs, of this piece and the
+    # earlier ones (one epoch slowed by another job sharing the machine does not stop the phase
+    # early); before its first, what earlier runs of the same training took here, if any (the
+    # query only under a time limit, once).
+    guess = []
+
+    def first_epoch() -> float | None:
+        if interrupts.deadline() is None:
+            return None
+        if not guess:
+            guess.append(estimate.earlier_epoch(cfg, tracking.experiment_of_run(run_id)))
+        return guess[0]
+
     if state is None:  # epoch 0: what pruning produced, so a kill during epoch 1 does not prune again
         ckpt.save(snapshot(0))
     start = history[-1]["epoch"] if history else 0
@@ -181,9 +195,7 @@ def train_phase(s: Setup, cfg: JobConfig, ckpt: checkpoint.Checkpoint, state: di
             training.fit(s.net, s.train_batches, s.test_batches, epochs, opt, sched, on_epoch, label=phase,
                          precision=t.precision, start_epoch=start,
                          stop_by=(lambda: best["epoch"] + patience) if patience else None,
-                         # the median epoch, of this piece and the earlier ones: one disturbed epoch
-                         # (another job sharing the machine) does not stop the phase early
-                         epoch_estimate=lambda: statistics.median(walls) if walls else None,
+                         epoch_estimate=lambda: statistics.median(walls) if walls else first_epoch(),
                          # after the training phase, the final measurements evaluate the test set again
                          final_evals=cfg.run.timing_repeats + 1 if phase == "train" else 0)
         except training.Diverged as e:  # the run ends FAILED (job_run); the tag and the loss show why

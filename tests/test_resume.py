@@ -145,6 +145,35 @@ def test_a_job_stops_before_an_epoch_that_would_end_after_its_time_limit(mlflow_
     assert run.data.tags["last_interruption"].startswith("time-limit: TimeUp: time limit: train epoch 2/3")
 
 
+def test_a_new_run_under_a_time_limit_expects_its_first_epoch_to_take_what_earlier_runs_took(mlflow_store,
+                                                                                             monkeypatch):
+    """Before a run has an epoch of its own, the experiment's finished runs of the same
+    training on this kind of device say how long one takes: a limit shorter than that stops
+    the run before its first epoch (after its pruning, kept), rather than one epoch late."""
+    from click.testing import CliRunner
+
+    from prunetrack import cli, interrupts, training
+
+    device = job.resolve_device("cpu")
+    record = {"tags": {"model": "resnet20", "dataset": "synthetic", "device": job.device_name(device),
+                       "precision": training.resolve_precision("fp32", device), "pruner": "mag"},
+              "params": {"batch_size": "64", "test_batch_size": "128", "optimizer": "adam", "train_subset": "300",
+                         "test_subset": "100", "iterations": "1"},
+              "epoch_times": [600.0], "metrics": {"test_images_per_sec": 100.0, "pruning_time": 1.0}}
+    monkeypatch.setattr(tracking, "speed_records", lambda experiment: [record])
+    args = ["prune", "--dataset", "synthetic", "--model", "resnet20", "--pruner", "mag", "--compression", "10",
+            "--train-subset", "300", "--test-subset", "100", "--batch-size", "64", "--test-batch-size", "128",
+            "--precision", "fp32", "--device", "cpu", "--post-epochs", "3"]
+    result = CliRunner().invoke(cli.cli, args + ["--time-limit", "5m"])
+    assert result.exit_code == interrupts.EXIT_TIME_UP, result.output
+    # 600 s of training and 1 s of testing an epoch, by the earlier run
+    assert "train: stopped (time limit: train epoch 1/3 would not end before it; an epoch takes ~0:10:01" \
+        in result.output, result.output
+    assert "holds train epoch 0/3 (before any training)" in result.output
+    [stopped] = mlflow.MlflowClient().search_runs([store.experiment_id("prunetrack")])
+    assert stopped.info.status == "KILLED" and stopped.data.tags["interrupted"] == "time-limit"
+
+
 def test_time_limit_must_be_a_positive_duration():
     from click.testing import CliRunner
 
