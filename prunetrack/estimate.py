@@ -183,6 +183,10 @@ class Estimator:
         self.records, self.pruners, self.probe, self.echo = records, pruners, probe, echo
         self.rates: dict[tuple, tuple[Rates, str] | None] = {}
 
+    def refresh(self, records: list[dict]) -> None:
+        """Estimate from `records` from now on (the runs finished since, included)."""
+        self.records, self.rates = records, {}
+
     def rates_for(self, cfg: JobConfig) -> Rates | None:
         from prunetrack.job import device_name, resolve_device
 

@@ -168,6 +168,13 @@ def run_sweep(spec: Spec, parallel: int = 1, executor: str = "local", ray_addres
                     tracking.end_if_running(result.run_id, "FAILED", "the cell's process died without closing "
                                             f"its run:\n{result.output[-2000:]}")
                 results.append(result)
+                if result.status == "finished" and progress.estimates is None:
+                    # A cell finished here has timed this machine: the cells left that had no
+                    # estimate (no earlier run of their training on this kind of device) may
+                    # have one now, for the ETA and the time limit.
+                    estimator.refresh(tracking.speed_records(experiment))
+                    ran = {r.cell.key for r in results}
+                    progress.estimates = _estimates([c for c in todo if c.key not in ran], estimator)
                 progress.finished(result)
         unstarted = [r.cell for r in results if r.status == "later"]
         if unstarted:

@@ -286,6 +286,36 @@ def test_study_specs_cover_the_study():
 
 # ---------------------------------------------------------------------------- running sweeps
 
+def test_a_sweep_on_a_new_machine_estimates_the_cells_left_once_one_cell_finished(tmp_path, mlflow_store,
+                                                                                  monkeypatch):
+    """A sweep that starts with no earlier runs on this kind of device cannot estimate its
+    cells; once a cell finished here, the cells left of the same training have an estimate,
+    and the time limit uses it: here it says an epoch takes 10 minutes, so with 5 minutes
+    left the second cell is not started."""
+    from prunetrack import job, training
+
+    path = write_spec(tmp_path, {"compression": [2, 10]})
+    cell = specs.load_spec(path).cells[0]
+    device = job.resolve_device("cpu")
+    record = {"tags": {"model": "resnet20", "dataset": "synthetic", "device": job.device_name(device), "pruner": "rand",
+                       "precision": training.resolve_precision(cell.config.train.precision, device)},
+              "params": {"batch_size": "100", "test_batch_size": "100", "optimizer": "adam", "train_subset": "200",
+                         "test_subset": "100", "iterations": "1"},
+              "epoch_times": [600.0], "metrics": {"test_images_per_sec": 100.0, "pruning_time": 1.0}}
+    calls = []
+
+    def speed_records(experiment):  # none when the sweep starts; after, as if the first cell had taken 600 s
+        calls.append(experiment)
+        return [record] if len(calls) > 1 else []
+
+    monkeypatch.setattr(tracking, "speed_records", speed_records)
+    said = []
+    summary = sweep.run_sweep(specs.load_spec(path), time_limit=300, echo=said.append)
+    assert [r.status for r in summary.results] == ["finished", "later"], "\n".join(said)
+    assert any("time limit: 1 cell not started" in line for line in said), "\n".join(said)
+    assert any(re.search(r"\[1/2\] finished compression=2 .* ETA 0:10:", line) for line in said), "\n".join(said)
+
+
 def test_a_dry_run_with_a_time_limit_says_which_cells_it_would_finish_stop_or_leave(tmp_path, mlflow_store,
                                                                                     monkeypatch):
     """Planning a piece of a long sweep: with --time-limit the dry run says, as the sweep
