@@ -133,6 +133,33 @@ def test_a_pretraining_repeated_in_another_precision_is_not_called_noise():
     assert "They differ, by at most" in findings.repeat_sentence(first, again)
 
 
+def test_cells_pruned_from_a_repeated_pretraining_are_marked_and_not_compared_as_like_for_like():
+    """Mag cells made where the first pre-training's weights were not at hand prune a second
+    one: Tables 1, 2 and 4 mark them, and the findings say when a cell and its 1x prune
+    different pre-trainings."""
+    first, again = pretrain("patience", 18, 13), pretrain("patience", 20, 15)
+    first.tags.update(pretrain_hash="p0", **{"prunetrack.imported_from": "0ld"})
+    again.id, again.tags["pretrain_hash"] = "5ec0nd00" + "0" * 24, "p0"
+    late = {"pretrain_run": again.id}
+    runs = [make_run("rand", 1, metrics={"test_accuracy": 80.0, "flops_effective": 8e7}),
+            mag(1, 85.0), mag(10, 84.0),
+            make_run("mag", 20, metrics={"test_accuracy": 82.0, "flops_effective": 4e6}, tags=late,
+                     params={"pre_epochs": "200", "pre_patience": "20"})]
+    s = study(runs, [first, again], compressions=[1, 10, 20])
+    text = "\n".join(tables.tables_section(s))
+    assert [r[2] for r in rows(text, 2)] == ["85.00", "84.00", "82.00 ¶"]
+    assert [r[2] for r in rows(text, 4)][2] == "4.0 ¶"
+    assert "¶" not in "".join(r[2] for r in rows(text, 3))
+    assert (f"<sub>¶ pruned from a repeat of the pre-training that the other cells of its pruner prune ({again.label}, "
+            f"with every setting of {first.label}; 1 run: resnet20-mag-20x-s0 (mag20s00)), trained again") in text
+    mag_line = next(line for line in findings.baseline_findings(s) if line.startswith("- Mag against"))
+    at10, at20 = mag_line.split("10x 84.00% (-1.00, ")[1].split("20x 82.00% (-3.00, ")
+    assert "pre-training" not in at10 and at20.startswith("below by more than noise, pruned from another pre-training than its 1x (¶));")
+    # One pre-training for every cell: no mark, no note.
+    s = study(runs[:3], [first], compressions=[1, 10, 20])
+    assert "¶" not in "\n".join(tables.tables_section(s) + findings.baseline_findings(s))
+
+
 def test_a_dense_run_that_repeats_the_pretraining_is_compared_with_it():
     pre = pretrain("patience", 12, 8)
     pre.params.update(optimizer="adam", lr="0.001", batch_size="128", weight_decay="0.0", lr_drops="")

@@ -10,6 +10,7 @@ from typing import NamedTuple
 from prunetrack.report.records import (
     ACCURACY,
     CURVE_KEYS,
+    PRETRAINED_AGAIN,
     TIMED_TEST_TIME,
     UNSHARED_AT_1X,
     Pretrain,
@@ -220,7 +221,11 @@ def baseline_findings(s: Study) -> list[str]:
             d, limit = st.mean - ref.mean, noise.threshold(st, ref)
             verdict = "within noise" if abs(d) < limit else ("below" if d < 0 else "above") + " by more than noise"
             other = s.other_precisions(s.cell(M, p, c))
-            verdicts.append((c, st, d, verdict + (f", trained in {join_words(other)}" if other else "")))
+            verdict += f", trained in {join_words(other)}" if other else ""
+            if p in UNSHARED_AT_1X and bool(s.pretrained_again(s.cell(M, p, c))) != bool(
+                    s.pretrained_again(s.cell(M, p, 1.0))):
+                verdict += f", pruned from another pre-training than its 1x ({PRETRAINED_AGAIN})"
+            verdicts.append((c, st, d, verdict))
         listed = ", ".join(f"{c:g}x {st.mean:.2f}% ({d:+.2f}, {v})" for c, st, d, v in verdicts)
         below = next((c for c, _, _, v in verdicts if v.startswith("below")), None)
         if len(verdicts) == 1:  # the verdict in brackets says it all
@@ -471,11 +476,11 @@ def pretrain_text(s: Study) -> list[str]:
     """The sentences of the pre-training section (its figure aside)."""
     M = model_label(s.main)
     out = []
-    seen: dict[str, Pretrain] = {}
+    first = s.first_pretrainings()
     for pre in s.pretrains:
         out += [pretrain_sentence(pre, len(s.pretrains) == 1), ""]
-        if (first := seen.setdefault(pre.tags.get("pretrain_hash", pre.id), pre)) is not pre:
-            out += [repeat_sentence(first, pre), ""]
+        if (earlier := first[pre.tags.get("pretrain_hash", pre.id)]) is not pre:
+            out += [repeat_sentence(earlier, pre), ""]
         out += [x for twin in s.twins(pre) if (line := twin_sentence(pre, twin)) for x in (line, "")]
     if s.pretrain_missing:
         ids = ", ".join(f"`{i}`" for i in s.pretrain_missing)

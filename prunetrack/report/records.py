@@ -26,6 +26,7 @@ NOT_LOGGED = "—*"
 SHARED = "†"
 OTHER_PRECISION = "‡"  # a cell trained in another precision than most of the study
 OTHER_TIMING = "§"     # a cell timed on another device or in another precision than most
+PRETRAINED_AGAIN = "¶"  # a cell pruned from a pre-training repeated after the one other cells prune
 ABLATIONS = ("shuffle", "reinit", "invert")
 TAG_FIRST = {"device", "precision"}  # the param says "auto", the tag names what the job used
 UNSHARED_AT_1X = ("mag",)  # starts from pre-trained weights: its 1x is a network of its own
@@ -317,6 +318,23 @@ class Study:
     def histogram_run(self, pruner: str) -> Run | None:
         """The run whose weight histograms stand for (main, pruner, focus)."""
         return next((r for r in self.cell(self.main, pruner, self.opts.focus) if r.histograms), None)
+
+    def first_pretrainings(self) -> dict[str, Pretrain]:
+        """{pretrain_hash: the first pre-training of those settings}: imported first (exports
+        carry no weights, so the Magnitude runs made since trained them again), then by name."""
+        first: dict[str, Pretrain] = {}
+        for pre in self.pretrains:
+            first.setdefault(pre.tags.get("pretrain_hash", pre.id), pre)
+        return first
+
+    def pretrained_again(self, runs: list[Run]) -> list[Run]:
+        """The runs among `runs` that prune a pre-training repeated after the first one of the
+        same settings, which other runs prune: the two hold different weights unless they
+        repeat each other exactly (the Pre-training section says)."""
+        first = self.first_pretrainings()
+        later = {u.id for pre in self.pretrains if first[pre.tags.get("pretrain_hash", pre.id)] is not pre
+                 for u in pre.users}
+        return [r for r in runs if r.id in later]
 
     @property
     def precision(self) -> str | None:

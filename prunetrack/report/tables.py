@@ -10,6 +10,7 @@ from prunetrack.report.records import (
     NOT_LOGGED,
     OTHER_PRECISION,
     OTHER_TIMING,
+    PRETRAINED_AGAIN,
     SHARED,
     TIMED_TEST_TIME,
     Metric,
@@ -57,6 +58,23 @@ def precision_note(s: Study) -> tuple[str, str] | None:
                              "A precision changes the arithmetic of training, so an accuracy difference between "
                              f"a {OTHER_PRECISION} cell and the others includes that change, beyond what the "
                              "findings' noise threshold covers (see Settings).")
+
+
+def pretrain_note(s: Study) -> tuple[str, str] | None:
+    """The footnote of the pilcrow: which cells prune a pre-training repeated after the one
+    the other cells of their pruner prune."""
+    again = s.pretrained_again(s.runs)
+    if not again:
+        return None
+    first = s.first_pretrainings()
+    repeats = [pre for pre in s.pretrains if first[pre.tags.get("pretrain_hash", pre.id)] is not pre]
+    firsts = list(dict.fromkeys(first[pre.tags.get("pretrain_hash", pre.id)].label for pre in repeats))
+    return PRETRAINED_AGAIN, (
+        f"{PRETRAINED_AGAIN} pruned from a repeat of the pre-training that the other cells of its pruner prune "
+        f"({join_words([pre.label for pre in repeats])}, with every setting of {join_words(firsts)}; "
+        f"{plural(len(again), 'run')}: {names(again)}), trained again where the first one's weights were not at "
+        "hand (an export carries none). Unless the two repeat each other exactly, these cells prune other "
+        "weights; the Pre-training section says how far the two differ.")
 
 
 def timing_setup(r) -> str:
@@ -123,6 +141,8 @@ def value(s: Study, model: str, pruner: str, c: float, metric: Metric) -> str:
         text += spread(s, model, pruner, c) + (f" {OTHER_TIMING}" if timed_elsewhere(s, s.cell(model, pruner, c)) else "")
     if metric.key == ACCURACY.key and s.other_precisions(s.cell(model, pruner, c)):
         text += f" {OTHER_PRECISION}"
+    if metric.key in (ACCURACY.key, FLOPS.key) and s.pretrained_again(s.cell(model, pruner, c)):
+        text += f" {PRETRAINED_AGAIN}"  # other weights ranked: other masks, other accuracy
     return text + (f" {SHARED}" if s.is_shared(model, pruner, c) else "")
 
 
@@ -209,7 +229,7 @@ def tables_section(s: Study) -> list[str]:
     header = ["Model"] + [pruner_label(p) for p in s.pruners]
     out = []
     rows = [[model_label(m)] + metric_row(s, m, F, ACCURACY) for m in s.models]
-    precision = [n for n in (precision_note(s),) if n]
+    precision = [n for n in (precision_note(s), pretrain_note(s)) if n]
     notes = [(SHARED, n) for m in s.models if (n := shared_note(s, m))] if F == 1.0 else []
     out += [f"**Table 1.** Test accuracy (top-1, %) at {F:g}x compression, one row per model, one "
             f"column per pruner.", ""] + md_table(header, rows) + footnote(rows, precision + notes)
