@@ -97,10 +97,13 @@ def measured(cfg: JobConfig, records: list[dict], device: str, precision: str) -
                    "train_subset": d.train_subset, "test_subset": d.test_subset}
     runs = [r for r in records if all(r["tags"].get(k) == str(v) for k, v in want_tags.items())
             and all(r["params"].get(k) == str(v) for k, v in want_params.items())]
+    n_train, n_test = (min(n, subset or 10**9) for n, subset in
+                       zip(SIZES.get(d.dataset, (50_000, 10_000)), (d.train_subset, d.test_subset)))
+    # The test rate: the timing after training, of the runs that finished; else each epoch's evaluation.
     tested = [r["metrics"]["test_images_per_sec"] for r in runs if "test_images_per_sec" in r["metrics"]]
+    tested = tested or [n_test / e for r in runs for e in r.get("eval_times", []) if e > 0]
     if not tested:
         return None
-    n_train = min(SIZES.get(d.dataset, (50_000, 0))[0], d.train_subset or 10**9)
     epochs = [s for r in runs for s in r["epoch_times"]]
     rounds: dict[str, list[float]] = {}
     for r in runs:
@@ -110,7 +113,10 @@ def measured(cfg: JobConfig, records: list[dict], device: str, precision: str) -
             rounds.setdefault(r["tags"]["pruner"], []).append(r["metrics"]["pruning_time"] / int(iterations))
     rates = Rates(n_train / statistics.median(epochs), statistics.median(tested),
                   {p: statistics.median(v) for p, v in rounds.items()})
-    return rates, f"the median of {plural(len(epochs), 'epoch')} of {plural(len(runs), 'finished run')} on this kind of device"
+    finished = sum(r.get("status", "FINISHED") == "FINISHED" for r in runs)
+    which = (plural(len(runs), "finished run") if finished == len(runs) else
+             f"{plural(len(runs), 'run')} ({finished} finished)")
+    return rates, f"the median of {plural(len(epochs), 'epoch')} of {which} on this kind of device"
 
 
 def earlier_epoch(cfg: JobConfig, experiment: str) -> float | None:
@@ -231,6 +237,7 @@ class Estimator:
         if not t.pre_patience:
             return None
         ran = [len(r["epoch_times"]) for r in self.records if r["tags"].get(tracking.KIND_TAG) == "pretrain"
+               and r.get("status", "FINISHED") == "FINISHED"  # a pre-training not ended has not stopped yet
                and r["tags"].get("model") == cfg.model.model and r["tags"].get("dataset") == cfg.data.dataset
                and r["params"].get("pre_epochs") == str(t.pre_epochs)
                and r["params"].get("pre_patience") == str(t.pre_patience)]

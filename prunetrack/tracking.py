@@ -359,16 +359,17 @@ IMPORTED_FROM = "prunetrack.imported_from"
 
 # ---------------------------------------------------------------------------- sweeps
 
-def _finished_runs(experiment: str):
-    """Every FINISHED run of `experiment`, page by page (none if it does not exist)."""
+def _runs(experiment: str, finished_only: bool = True):
+    """Every FINISHED run of `experiment` (every run, without `finished_only`), page by page
+    (none if it does not exist)."""
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return
     token = None
     while True:
-        page = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'", max_results=1000,
-                                  page_token=token)
+        page = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'" if finished_only else "",
+                                  max_results=1000, page_token=token)
         yield from page
         token = page.token
         if not token:
@@ -376,17 +377,20 @@ def _finished_runs(experiment: str):
 
 
 def speed_records(experiment: str) -> list[dict]:
-    """What the FINISHED prune and pre-training runs of `experiment` measured of their own
-    speed, for a sweep's estimate: each run's tags, params and metrics, and `epoch_times`,
-    the seconds of each training epoch."""
+    """What the prune and pre-training runs of `experiment` measured of their own speed, for
+    a sweep's estimate: each run's status, tags, params and metrics, `epoch_times`, the
+    seconds of each training epoch, and `eval_times`, of each epoch's evaluation (runs made
+    before it was logged have none). Runs of any status: the epochs of a run stopped or still
+    running timed the machine as well as a finished one's."""
     client, out = mlflow.MlflowClient(), []
-    for run in _finished_runs(experiment):
+    for run in _runs(experiment, finished_only=False):
         if run.data.tags.get(KIND_TAG, "prune") not in ("prune", "pretrain"):
             continue
         times = [m.value for m in client.get_metric_history(run.info.run_id, "epoch_time")]
         if times:
-            out.append({"tags": run.data.tags, "params": run.data.params, "metrics": run.data.metrics,
-                        "epoch_times": times})
+            out.append({"status": run.info.status, "tags": run.data.tags, "params": run.data.params,
+                        "metrics": run.data.metrics, "epoch_times": times,
+                        "eval_times": [m.value for m in client.get_metric_history(run.info.run_id, "eval_time")]})
     return out
 
 
@@ -408,7 +412,7 @@ def finished_configs(experiment: str) -> dict[str, str]:
     """{config_hash (pretrain_hash for a pre-training): run_id} of the FINISHED runs in
     `experiment` (none if it does not exist); pre-trainings count only with their weights."""
     found = {}
-    for run in _finished_runs(experiment):
+    for run in _runs(experiment):
         key = run.data.tags.get("config_hash") or run.data.tags.get("pretrain_hash")
         if run.data.tags.get("pretrain_hash") and not has_weights(run.info.run_id):
             continue  # imported: finished elsewhere, its weights are not here to start from

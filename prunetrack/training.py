@@ -229,9 +229,10 @@ def fit(model: nn.Module, train_batches, test_batches, epochs: int, opt, sched,
         sched.step()
         seconds = time.perf_counter() - start
         ev = evaluate(model, test_batches, precision, Progress(f"{label} epoch {epoch} evaluation", len(test_batches)))
-        evaluating += time.perf_counter() - start - seconds
+        evaluated = time.perf_counter() - start - seconds
+        evaluating += evaluated
         metrics = {"train_loss": train_loss, "test_loss": ev["loss"], "test_top1": ev["top1"],
-                   "test_top5": ev["top5"], "epoch_time": seconds}
+                   "test_top5": ev["top5"], "epoch_time": seconds, "eval_time": evaluated}
         stop = on_epoch(epoch, metrics)
         spent, done = spent + time.perf_counter() - start, done + 1  # the checkpoint and the logging too
         per_epoch = spent / done

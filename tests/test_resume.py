@@ -136,6 +136,9 @@ def test_a_job_stops_before_an_epoch_that_would_end_after_its_time_limit(mlflow_
     assert stopped.info.status == "KILLED" and stopped.data.tags["interrupted"] == "time-limit"
     assert _steps(stopped.info.run_id) == [1]
     assert interrupts.deadline() is None  # the limit was the command's, not the process's
+    # Its epoch timed this machine: estimates may use it, though the run did not finish.
+    [record] = tracking.speed_records("prunetrack")
+    assert record["status"] == "KILLED" and len(record["epoch_times"]) == len(record["eval_times"]) == 1
 
     monkeypatch.setattr(tracking, "log_metrics", real_log)
     result = CliRunner().invoke(cli.cli, args)

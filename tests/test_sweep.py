@@ -205,6 +205,11 @@ def test_estimates_use_the_epochs_of_runs_of_the_same_training_on_the_same_devic
     assert estimate.next_save(cfg, rates) == 2.0 + 100.0 + 10.0
     assert estimate.next_save(cfg, rates, done_epochs=3) == estimate.next_save(cfg, rates, "pretrain") == 110.0
     assert estimate.measured(cfg, records, "cpu (x86_64, 2 threads)", "fp32") is None
+    # A run stopped before its final timing: its epochs' evaluations give the test rate.
+    stopped = {**record([200.0, 200.0]), "status": "KILLED", "metrics": {}, "eval_times": [20.0, 20.0]}
+    rates, source = estimate.measured(cfg, [stopped], "cpu (x86_64, 2 threads)", "bf16")
+    assert rates.train == 50_000 / 200.0 and rates.test == 10_000 / 20.0 and rates.prune_round == {}
+    assert source == "the median of 2 epochs of 1 run (0 finished) on this kind of device"
 
 
 def test_a_pretraining_that_stops_on_patience_is_estimated_at_the_epochs_earlier_ones_took():
@@ -223,7 +228,8 @@ def test_a_pretraining_that_stops_on_patience_is_estimated_at_the_epochs_earlier
                 "epoch_times": [100.0] * 18}
     job = {"tags": {**tags, "pruner": "mag"}, "params": {**params, "iterations": "1"}, "epoch_times": [100.0] * 10,
            "metrics": {"test_images_per_sec": 1000.0, "pruning_time": 1.0}}
-    estimator = estimate.Estimator([pretrain, job], {"mag"}, probe=False)
+    unfinished = {**pretrain, "status": "RUNNING", "epoch_times": [100.0] * 3}  # has not stopped yet: not counted
+    estimator = estimate.Estimator([pretrain, unfinished, job], {"mag"}, probe=False)
     assert estimator.pretrain_epochs(cfg) == 18
     assert estimator.left(cfg, "pretrain", 3) == 15 * (100.0 + 10.0)  # 15 epochs to go, each with its evaluation
     # Another stopping rule, or none: the cap is all that is known.
