@@ -50,7 +50,7 @@ def test_job_logs_the_whole_run(mlflow_store, monkeypatch):
     # The run's Description in the UI: what it is, its result, and artifacts that are there.
     about = t["mlflow.note.content"]
     assert about.startswith("resnet20 on synthetic from a fresh initialization, pruned 10x by mag (global scope, "
-                            "1 round), then trained 2 epochs (adam, lr 0.001, fp32)")
+                            f"1 round), then trained 2 epochs (adam, lr 0.001, {t['precision']})")  # auto: the machine's
     assert f"**test top-1 {m['test_accuracy']:.2f}%**" in about
     assert f"{int(m['params_remaining']):,} of {int(prunable):,} prunable weights kept" in about
     named = set(re.findall(r"`([\w.]+\.(?:pt|json|png|yaml))`", about))
