@@ -11,6 +11,7 @@ its pruning. Printed by `prunetrack sweep SPEC --dry-run`.
 """
 from __future__ import annotations
 
+import os
 import statistics
 from dataclasses import dataclass
 
@@ -180,6 +181,21 @@ def epochs_within(cfg: JobConfig, rates: Rates, available: float, kind: str = "p
     return reached
 
 
+def busy_machine() -> str:
+    """How busy this machine is, when other work runs (the load average over the last
+    minute at half its cores or more): a probe taken now shares the cores, and overstates
+    the time, several-fold where a training holds them all. "" when it is quiet (or the
+    platform has no load average)."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return ""
+    cores = os.cpu_count() or 1
+    if load < cores / 2:
+        return ""
+    return f"while the machine was busy (load average {load:.2f} on {plural(cores, 'core')}): overstated"
+
+
 class Estimator:
     """Each cell's time left on this machine: its epochs to go at the rates of earlier runs
     of the same training (`records`, from tracking.speed_records) or, with `probe`, of a
@@ -203,12 +219,16 @@ class Estimator:
             if self.probe and found is None:
                 self.echo(f"  (probing {cfg.model.model} on {cfg.run.device}, batch {cfg.train.batch_size}, "
                           f"{cfg.train.precision} ...)")
-                found = probe(cfg, self.pruners), "a probe of 2 steps"
+                busy = busy_machine()
+                found = probe(cfg, self.pruners), "a probe of 2 steps" + (f", {busy}" if busy else "")
             elif self.probe and not self.pruners <= found[0].prune_round.keys():
                 # The runs' rates; a probe only of the rounds of the pruners no run here used.
                 missing = self.pruners - found[0].prune_round.keys()
                 self.echo(f"  (probing a pruning round of {', '.join(sorted(missing))} on {cfg.model.model} ...)")
+                busy = busy_machine()
                 found[0].prune_round = {**probe_rounds(cfg, missing), **found[0].prune_round}
+                if busy:
+                    found = found[0], f"{found[1]}; pruning rounds of {', '.join(sorted(missing))} probed {busy}"
             self.rates[key] = found
         return self.rates[key][0] if self.rates[key] else None
 

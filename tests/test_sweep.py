@@ -237,13 +237,14 @@ def test_a_pretraining_that_stops_on_patience_is_estimated_at_the_epochs_earlier
         JobConfig.from_flat(dict(dataset="cifar10", model="vgg16_bn", pre_epochs=200, pre_patience=0))) is None
 
 
-def test_runs_that_timed_the_training_leave_only_the_missing_pruning_rounds_to_probe():
+def test_runs_that_timed_the_training_leave_only_the_missing_pruning_rounds_to_probe(monkeypatch):
     """Where earlier runs timed the training but not every pruner of the sweep, the estimate
     keeps their rates and probes a scoring round of the others only (no training steps,
     which would share the cores with a sweep in progress)."""
     from prunetrack import estimate, training
     from prunetrack.config import JobConfig
     from prunetrack.job import device_name, resolve_device
+    from prunetrack.progress import plural
 
     cfg = JobConfig.from_flat(dict(dataset="cifar10", model="resnet20", pruner="rand", device="cpu"))
     device = resolve_device("cpu")
@@ -254,10 +255,20 @@ def test_runs_that_timed_the_training_leave_only_the_missing_pruning_rounds_to_p
     job = {"tags": tags, "params": params, "epoch_times": [100.0] * 3,
            "metrics": {"test_images_per_sec": 1000.0, "pruning_time": 3.0}}
     said: list[str] = []
-    rates = estimate.Estimator([job], {"snip", "rand"}, echo=said.append).rates_for(cfg)
+    quiet = estimate.Estimator([job], {"snip", "rand"}, echo=said.append)
+    monkeypatch.setattr(estimate.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    rates = quiet.rates_for(cfg)
     assert rates.train == 500.0 and rates.test == 1000.0  # the run's, not a probe's
     assert rates.prune_round["snip"] == 3.0 and rates.prune_round["rand"] > 0
     assert said == ["  (probing a pruning round of rand on resnet20 ...)"]
+    assert "probed" not in quiet.sources()[0]
+    # Probed while other work holds the cores: the line with the rates says the probe overstates.
+    monkeypatch.setattr(estimate.os, "getloadavg", lambda: (2.0 * (os.cpu_count() or 1), 0.0, 0.0))
+    busy = estimate.Estimator([job], {"snip", "rand"}, echo=said.append)
+    busy.rates_for(cfg)
+    assert (f"on this kind of device; pruning rounds of rand probed while the machine was busy (load average "
+            f"{2.0 * (os.cpu_count() or 1):.2f} on {plural(os.cpu_count() or 1, 'core')}): overstated): train 500 img/s"
+            in busy.sources()[0]), busy.sources()
 
 
 def test_study_specs_cover_the_study():
