@@ -479,7 +479,7 @@ def pretrain_text(s: Study) -> list[str]:
     first = s.first_pretrainings()
     for pre in s.pretrains:
         out += [pretrain_sentence(pre, len(s.pretrains) == 1), ""]
-        if (earlier := first[pre.tags.get("pretrain_hash", pre.id)]) is not pre:
+        if (earlier := first[pre.key]) is not pre:
             out += [repeat_sentence(earlier, pre), ""]
         out += [x for twin in s.twins(pre) if (line := twin_sentence(pre, twin)) for x in (line, "")]
     if s.pretrain_missing:

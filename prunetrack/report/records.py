@@ -134,6 +134,11 @@ class Pretrain:
     def setting(self, key: str) -> str | None:
         return setting(self.params, self.tags, key)
 
+    @property
+    def key(self) -> str:
+        """Its settings' hash (tag `pretrain_hash`): two pre-trainings with one key are a repeat."""
+        return self.tags.get("pretrain_hash", self.id)
+
 
 def norm(value) -> str:
     """One spelling per value: 0.001 and 1e-3 are the same setting, True and true too."""
@@ -324,7 +329,7 @@ class Study:
         carry no weights, so the Magnitude runs made since trained them again), then by name."""
         first: dict[str, Pretrain] = {}
         for pre in self.pretrains:
-            first.setdefault(pre.tags.get("pretrain_hash", pre.id), pre)
+            first.setdefault(pre.key, pre)
         return first
 
     def pretrained_again(self, runs: list[Run]) -> list[Run]:
@@ -332,7 +337,7 @@ class Study:
         same settings, which other runs prune: the two hold different weights unless they
         repeat each other exactly (the Pre-training section says)."""
         first = self.first_pretrainings()
-        later = {u.id for pre in self.pretrains if first[pre.tags.get("pretrain_hash", pre.id)] is not pre
+        later = {u.id for pre in self.pretrains if first[pre.key] is not pre
                  for u in pre.users}
         return [r for r in runs if r.id in later]
 

@@ -67,8 +67,8 @@ def pretrain_note(s: Study) -> tuple[str, str] | None:
     if not again:
         return None
     first = s.first_pretrainings()
-    repeats = [pre for pre in s.pretrains if first[pre.tags.get("pretrain_hash", pre.id)] is not pre]
-    firsts = list(dict.fromkeys(first[pre.tags.get("pretrain_hash", pre.id)].label for pre in repeats))
+    repeats = [pre for pre in s.pretrains if first[pre.key] is not pre]
+    firsts = list(dict.fromkeys(first[pre.key].label for pre in repeats))
     return PRETRAINED_AGAIN, (
         f"{PRETRAINED_AGAIN} pruned from a repeat of the pre-training that the other cells of its pruner prune "
         f"({join_words([pre.label for pre in repeats])}, with every setting of {join_words(firsts)}; "
