@@ -257,24 +257,37 @@ def precision_change(plan: list[Cell], done: dict[str, str], todo: list[Cell]) -
     return f"this machine would train the {now}{why}, where the sweep has {before}: a protocol change between cells"
 
 
-def cell_states(plan: list[Cell], done: dict[str, str], estimator) -> list[tuple[Cell, str, float | None]]:
-    """Each cell of `plan` with its state (finished / partial at epoch k of n / pending) and
-    its estimated seconds left (None: no estimate)."""
+@dataclass
+class CellState:
+    """A cell of the plan as a dry run sees it: `state` for people (finished / partial at
+    epoch k of n / pending), `left` its estimated seconds (None: no estimate), `start` the
+    epoch its checkpoint holds and `epochs` those it would train in all (a pre-training:
+    as many as earlier ones took before their patience stopped them, else its maximum)."""
+
+    cell: Cell
+    state: str
+    left: float | None
+    start: int = 0
+    epochs: int = 0
+
+
+def cell_states(plan: list[Cell], done: dict[str, str], estimator) -> list[CellState]:
+    """Each cell of `plan` with its state and estimated seconds left (see CellState)."""
     from prunetrack import checkpoint
 
     out = []
     for c in plan:
         cfg = c.config
         if c.config_hash in done:
-            out.append((c, f"finished (run {done[c.config_hash][:8]})", 0.0))
+            out.append(CellState(c, f"finished (run {done[c.config_hash][:8]})", 0.0))
             continue
         saved = checkpoint.peek(cfg.run.checkpoint_dir, c.checkpoint_key)
+        start = saved["epoch"] if saved else 0
         epochs = cfg.train.pre_epochs if c.kind == "pretrain" else cfg.train.post_epochs
-        if saved:
-            state = f"partial: epoch {saved['epoch']} of {epochs}"
-        else:
-            state = "pending" + (f" (at most {epochs} epochs)" if c.kind == "pretrain" else "")
-        out.append((c, state, estimator.left(cfg, c.kind, saved["epoch"] if saved else 0)))
+        state = f"partial: epoch {start} of {epochs}" if saved else \
+            "pending" + (f" (at most {epochs} epochs)" if c.kind == "pretrain" else "")
+        expected = (estimator.pretrain_epochs(cfg) or epochs) if c.kind == "pretrain" else epochs
+        out.append(CellState(c, state, estimator.left(cfg, c.kind, start), start, expected))
     return out
 
 
@@ -294,10 +307,11 @@ def dry_run_table(spec: Spec, plan: list[Cell], done: dict[str, str], parallel: 
     # (over `parallel` when several run at once: an approximation), so that a study run in
     # pieces can be planned, e.g. how long until every cell of a table has a run.
     rows, total = [], 0.0
-    for c, state, left in states:
-        total += left or 0.0
-        rows.append((c.key, c.name, state, clock(left or 0.0),
-                     "" if c.config_hash in done else clock(total / max(parallel, 1)), verdicts.get(c.key, "")))
+    for st in states:
+        c = st.cell
+        total += st.left or 0.0
+        rows.append((c.key, c.name, st.state, clock(st.left or 0.0),
+                     "" if c.config_hash in done else clock(total / max(parallel, 1)), str(verdicts.get(c.key, ""))))
     rows += [(c.key, c.name, "shared: computed by " + c.shared_with, clock(0), "", "")
              for c in spec.cells if c.shared_with]
     # Columns as wide as their longest entry, so that long cell keys (overrides) stay aligned.
@@ -307,9 +321,9 @@ def dry_run_table(spec: Spec, plan: list[Cell], done: dict[str, str], parallel: 
         echo(("  " + " ".join(f"{v:{w}s}" for v, w in zip(row, widths)) + f" {row[3]:>9s} {row[4]:>10s}"
               + (f"  {row[5]}" if row[5] else "")).rstrip())
     if time_limit is not None:
-        counts = Counter(v.split(":")[0] for v in verdicts.values())
-        stops = [f"{c.name} {verdicts[c.key].split(': ', 1)[1]}" for c, _, _ in states
-                 if verdicts.get(c.key, "").startswith("stops")]
+        counts = Counter(v.kind for v in verdicts.values())
+        stops = [f"{st.cell.name} after epoch {v.reached} of {v.epochs}" for st in states
+                 if (v := verdicts.get(st.cell.key)) and v.kind == "stops"]
         echo(f"time limit {clock(time_limit)} (until "
              f"{time.strftime('%Y-%m-%d %H:%M %Z', time.localtime(time.time() + time_limit))}, were the sweep started "
              f"now): {plural(counts['finishes'], 'cell')} would finish"
@@ -343,38 +357,45 @@ def dry_run_table(spec: Spec, plan: list[Cell], done: dict[str, str], parallel: 
     return total
 
 
-def by_the_limit(states: list[tuple[Cell, str, float | None]], done: dict[str, str], estimator,
-                 time_limit: float, parallel: int = 1) -> dict[str, str]:
+@dataclass
+class Verdict:
+    """What a sweep started now with a time limit would do with a cell: `kind` "finishes",
+    "stops" (after epoch `reached` of `epochs`, at its checkpoint), "later" (not started), or
+    "?" (no estimate, for it or a cell before it)."""
+
+    kind: str
+    reached: int = 0
+    epochs: int = 0
+
+    def __str__(self) -> str:
+        return f"stops: after epoch {self.reached} of {self.epochs}" if self.kind == "stops" else self.kind
+
+
+def by_the_limit(states: list[CellState], done: dict[str, str], estimator,
+                 time_limit: float, parallel: int = 1) -> dict[str, Verdict]:
     """What a sweep started now with `time_limit` seconds would do with each cell left (by
     cell key), as the sweep and its jobs decide: the cells run in the plan's order; one whose
     next checkpoint would not be saved in time is not started (a shorter one after it may
     be); one that would save some epochs but not finish stops at its last checkpoint, and
-    no cell starts after it. "finishes", "stops: after epoch k of n", "later", or "?" (no
-    estimate, for it and the cells after it)."""
-    from prunetrack import checkpoint
-
+    no cell starts after it; a cell without an estimate makes it and those after it "?"."""
     verdicts, used, stopped, unknown = {}, 0.0, False, False
-    for c, _, left in states:
+    for st in states:
+        c = st.cell
         if c.config_hash in done:
             continue
-        if unknown or left is None:
-            verdicts[c.key], unknown = "?", True
+        if unknown or st.left is None:
+            verdicts[c.key], unknown = Verdict("?"), True
             continue
         if stopped:
-            verdicts[c.key] = "later"
+            verdicts[c.key] = Verdict("later")
             continue
-        cfg = c.config
-        saved = checkpoint.peek(cfg.run.checkpoint_dir, c.checkpoint_key)
-        start = saved["epoch"] if saved else 0
-        total = (estimator.pretrain_epochs(cfg) or cfg.train.pre_epochs) if c.kind == "pretrain" \
-            else cfg.train.post_epochs
-        reached = estimator.epochs_within(cfg, c.kind, start, time_limit - used / parallel)
-        if reached >= total:
-            verdicts[c.key], used = "finishes", used + left
-        elif reached > start:
-            verdicts[c.key], stopped = f"stops: after epoch {reached} of {total}", True
+        reached = estimator.epochs_within(c.config, c.kind, st.start, time_limit - used / parallel)
+        if reached >= st.epochs:
+            verdicts[c.key], used = Verdict("finishes"), used + st.left
+        elif reached > st.start:
+            verdicts[c.key], stopped = Verdict("stops", reached, st.epochs), True
         else:
-            verdicts[c.key] = "later"
+            verdicts[c.key] = Verdict("later")
     return verdicts
 
 
@@ -422,7 +443,7 @@ def _in_time(estimator, deadline: float, results: list[Result]) -> Callable[[Cel
 def _estimates(todo: list[Cell], estimator) -> dict[str, float] | None:
     """Each cell's estimated seconds by `estimator` (see _estimator); None unless every cell
     has one."""
-    found = {c.key: left for c, _, left in cell_states(todo, {}, estimator)}
+    found = {st.cell.key: st.left for st in cell_states(todo, {}, estimator)}
     return found if all(v is not None for v in found.values()) else None
 
 
