@@ -476,11 +476,11 @@ def pretrain_text(s: Study) -> list[str]:
     """The sentences of the pre-training section (its figure aside)."""
     M = model_label(s.main)
     out = []
-    first = s.first_pretrainings()
+    earlier = {pre.id: first for pre, first in s.repeats()}
     for pre in s.pretrains:
         out += [pretrain_sentence(pre, len(s.pretrains) == 1), ""]
-        if (earlier := first[pre.key]) is not pre:
-            out += [repeat_sentence(earlier, pre), ""]
+        if pre.id in earlier:
+            out += [repeat_sentence(earlier[pre.id], pre), ""]
         out += [x for twin in s.twins(pre) if (line := twin_sentence(pre, twin)) for x in (line, "")]
     if s.pretrain_missing:
         ids = ", ".join(f"`{i}`" for i in s.pretrain_missing)

@@ -324,21 +324,20 @@ class Study:
         """The run whose weight histograms stand for (main, pruner, focus)."""
         return next((r for r in self.cell(self.main, pruner, self.opts.focus) if r.histograms), None)
 
-    def first_pretrainings(self) -> dict[str, Pretrain]:
-        """{pretrain_hash: the first pre-training of those settings}: imported first (exports
-        carry no weights, so the Magnitude runs made since trained them again), then by name."""
+    def repeats(self) -> list[tuple[Pretrain, Pretrain]]:
+        """(repeat, first) for each pre-training whose settings an earlier one had: imported
+        first (exports carry no weights, so the Magnitude runs made since trained them again),
+        then by name."""
         first: dict[str, Pretrain] = {}
         for pre in self.pretrains:
             first.setdefault(pre.key, pre)
-        return first
+        return [(pre, first[pre.key]) for pre in self.pretrains if first[pre.key] is not pre]
 
     def pretrained_again(self, runs: list[Run]) -> list[Run]:
-        """The runs among `runs` that prune a pre-training repeated after the first one of the
-        same settings, which other runs prune: the two hold different weights unless they
-        repeat each other exactly (the Pre-training section says)."""
-        first = self.first_pretrainings()
-        later = {u.id for pre in self.pretrains if first[pre.key] is not pre
-                 for u in pre.users}
+        """The runs among `runs` that prune a repeated pre-training (see repeats), which other
+        runs prune the first of: the two hold different weights unless they repeat each other
+        exactly (the Pre-training section says)."""
+        later = {u.id for repeat, _ in self.repeats() for u in repeat.users}
         return [r for r in runs if r.id in later]
 
     @property

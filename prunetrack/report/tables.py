@@ -66,12 +66,11 @@ def pretrain_note(s: Study) -> tuple[str, str] | None:
     again = s.pretrained_again(s.runs)
     if not again:
         return None
-    first = s.first_pretrainings()
-    repeats = [pre for pre in s.pretrains if first[pre.key] is not pre]
-    firsts = list(dict.fromkeys(first[pre.key].label for pre in repeats))
+    repeats = s.repeats()
+    firsts = list(dict.fromkeys(first.label for _, first in repeats))
     return PRETRAINED_AGAIN, (
         f"{PRETRAINED_AGAIN} pruned from a repeat of the pre-training that the other cells of its pruner prune "
-        f"({join_words([pre.label for pre in repeats])}, with every setting of {join_words(firsts)}; "
+        f"({join_words([pre.label for pre, _ in repeats])}, with every setting of {join_words(firsts)}; "
         f"{plural(len(again), 'run')}: {names(again)}), trained again where the first one's weights were not at "
         "hand (an export carries none). Unless the two repeat each other exactly, these cells prune other "
         "weights; the Pre-training section says how far the two differ.")
