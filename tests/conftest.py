@@ -35,6 +35,25 @@ SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
 # `mlflow server`: one worker runs them all, one after another (see pyproject's addopts).
 CROWD = "crowd"
 
+def speed_record(cfg, epoch_times: list[float], test_rate: float = 100.0, pruning_time: float = 1.0,
+                 precision: str | None = None) -> dict:
+    """An earlier run of `cfg`'s training on this CPU as tracking.speed_records gives it: what
+    the estimates read (its epochs, test rate and pruning time) under the tags and params
+    that match `cfg` (precision: the one `cfg` resolves to here, unless given)."""
+    from prunetrack import job, training
+
+    device = job.resolve_device("cpu")
+    t, d = cfg.train, cfg.data
+    return {"tags": {"model": cfg.model.model, "dataset": d.dataset, "device": job.device_name(device),
+                     "pruner": cfg.prune.pruner,
+                     "precision": precision or training.resolve_precision(t.precision, device)},
+            "params": {"batch_size": str(t.batch_size), "test_batch_size": str(t.test_batch_size),
+                       "optimizer": t.optimizer, "train_subset": str(d.train_subset),
+                       "test_subset": str(d.test_subset), "iterations": "1"},
+            "epoch_times": list(epoch_times), "metrics": {"test_images_per_sec": test_rate,
+                                                          "pruning_time": pruning_time}}
+
+
 # A job small enough for seconds on a CPU: synthetic data, a tiny ResNet.
 SMOKE = dict(dataset="synthetic", model="resnet20", post_epochs=1, batch_size=128, test_batch_size=128,
              device="cpu")

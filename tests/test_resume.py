@@ -16,7 +16,7 @@ import torch
 from prunetrack import checkpoint, job, load_masks, store, tracking
 from prunetrack.config import JobConfig
 from prunetrack.job import run_job
-from tests.conftest import REPO, SMOKE
+from tests.conftest import REPO, SMOKE, speed_record
 
 
 def _job(**overrides) -> JobConfig:
@@ -155,15 +155,10 @@ def test_a_new_run_under_a_time_limit_expects_its_first_epoch_to_take_what_earli
     the run before its first epoch (after its pruning, kept), rather than one epoch late."""
     from click.testing import CliRunner
 
-    from prunetrack import cli, interrupts, training
+    from prunetrack import cli, interrupts
 
-    device = job.resolve_device("cpu")
-    record = {"tags": {"model": "resnet20", "dataset": "synthetic", "device": job.device_name(device),
-                       "precision": training.resolve_precision("fp32", device), "pruner": "mag"},
-              "params": {"batch_size": "64", "test_batch_size": "128", "optimizer": "adam", "train_subset": "300",
-                         "test_subset": "100", "iterations": "1"},
-              "epoch_times": [600.0], "metrics": {"test_images_per_sec": 100.0, "pruning_time": 1.0}}
-    monkeypatch.setattr(tracking, "speed_records", lambda experiment: [record])
+    earlier = speed_record(_job(test_batch_size=128), [600.0])  # the training the command line below asks for
+    monkeypatch.setattr(tracking, "speed_records", lambda experiment: [earlier])
     args = ["prune", "--dataset", "synthetic", "--model", "resnet20", "--pruner", "mag", "--compression", "10",
             "--train-subset", "300", "--test-subset", "100", "--batch-size", "64", "--test-batch-size", "128",
             "--precision", "fp32", "--device", "cpu", "--post-epochs", "3"]

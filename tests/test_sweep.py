@@ -16,7 +16,7 @@ import mlflow
 import pytest
 import yaml
 from click.testing import CliRunner
-from conftest import CROWD, REPO
+from conftest import CROWD, REPO, speed_record
 
 from prunetrack import cli, executors, pruning, sweep, tracking
 from prunetrack import spec as specs
@@ -309,16 +309,10 @@ def test_a_sweep_on_a_new_machine_estimates_the_cells_left_once_one_cell_finishe
     cells; once a cell finished here, the cells left of the same training have an estimate,
     and the time limit uses it: here it says an epoch takes 10 minutes, so with 5 minutes
     left the second cell is not started."""
-    from prunetrack import job, training
 
     path = write_spec(tmp_path, {"compression": [2, 10]})
     cell = specs.load_spec(path).cells[0]
-    device = job.resolve_device("cpu")
-    record = {"tags": {"model": "resnet20", "dataset": "synthetic", "device": job.device_name(device), "pruner": "rand",
-                       "precision": training.resolve_precision(cell.config.train.precision, device)},
-              "params": {"batch_size": "100", "test_batch_size": "100", "optimizer": "adam", "train_subset": "200",
-                         "test_subset": "100", "iterations": "1"},
-              "epoch_times": [600.0], "metrics": {"test_images_per_sec": 100.0, "pruning_time": 1.0}}
+    record = speed_record(cell.config, [600.0])
     calls = []
 
     def speed_records(experiment):  # none when the sweep starts; after, as if the first cell had taken 600 s
@@ -337,18 +331,12 @@ def test_a_dry_run_with_a_time_limit_says_which_cells_it_would_finish_stop_or_le
                                                                                     monkeypatch):
     """Planning a piece of a long sweep: with --time-limit the dry run says, as the sweep
     would decide, which cells finish, which stops at which checkpoint, and which are left."""
-    from prunetrack import job, training
 
     path = write_spec(tmp_path, {"compression": [2, 5, 10]}, base={"post_epochs": 3})
-    device = job.resolve_device("cpu")
-    # Earlier runs here: 100 s of training and 1 s of testing an epoch, 2 s of pruning.
-    record = {"tags": {"model": "resnet20", "dataset": "synthetic", "device": job.device_name(device), "pruner": "rand",
-                       "precision": training.resolve_precision("auto", device)},
-              "params": {"batch_size": "100", "test_batch_size": "100", "optimizer": "adam", "train_subset": "200",
-                         "test_subset": "100", "iterations": "1"},
-              "epoch_times": [100.0], "metrics": {"test_images_per_sec": 100.0, "pruning_time": 2.0}}
-    monkeypatch.setattr(tracking, "speed_records", lambda experiment: [record])
     cell = specs.load_spec(path).cells[0]
+    # Earlier runs here: 100 s of training and 1 s of testing an epoch, 2 s of pruning.
+    record = speed_record(cell.config, [100.0], pruning_time=2.0)
+    monkeypatch.setattr(tracking, "speed_records", lambda experiment: [record])
     per_cell = 2 + 3 * 101 + (cell.config.run.timing_repeats + 1) * 1  # pruning, 3 epochs, the final test passes
     # The first cell finishes; the second saves two epochs (a third would end after the limit); the third waits.
     result = CliRunner().invoke(cli.cli, ["sweep", path, "--dry-run", "--time-limit", f"{per_cell + 2 + 2 * 101 + 50}s"])
@@ -477,17 +465,10 @@ def test_a_time_limit_stops_a_cell_at_its_checkpoint_and_leaves_the_rest_for_lat
 
 
 def test_a_cell_whose_first_epoch_would_end_after_the_time_limit_is_not_started(tmp_path, monkeypatch):
-    from prunetrack import job, training
 
     [cell, other] = specs.load_spec(write_spec(tmp_path, {"model": ["resnet20", "resnet32"]})).cells
-    device = job.device_name(job.resolve_device("cpu"))
     # Earlier runs of the first cell's training here: 600 s an epoch (the second cell's model has none).
-    record = {"tags": {"model": "resnet20", "dataset": "synthetic", "device": device, "pruner": "rand",
-                       "precision": training.resolve_precision(cell.config.train.precision, job.resolve_device("cpu"))},
-              "params": {"batch_size": "100", "test_batch_size": "100", "optimizer": "adam", "train_subset": "200",
-                         "test_subset": "100", "iterations": "1"},
-              "epoch_times": [600.0], "metrics": {"test_images_per_sec": 100.0, "pruning_time": 1.0}}
-    monkeypatch.setattr(tracking, "speed_records", lambda experiment: [record])
+    monkeypatch.setattr(tracking, "speed_records", lambda experiment: [speed_record(cell.config, [600.0])])
     results = []
     estimator = sweep._estimator([cell, other], "sweeps")
     in_half_an_hour = sweep._in_time(estimator, time.time() + 1800, results)
