@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from prunetrack import cli
 from prunetrack.config import JobConfig
 from prunetrack.job import run_job
-from prunetrack.report import ReportError, ReportOptions, build_report
+from prunetrack.report import ReportError, ReportOptions, build_report, render
 
 TINY = dict(SMOKE, train_subset=256, test_subset=128)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -151,7 +151,7 @@ def test_settings_and_findings_come_from_the_runs(study):
     assert f"`{seed1.data.tags['dataset_sha256']}` in 1 run ({seed1.info.run_name} ({seed1.info.run_id[:8]}))" \
         in sha_line
     commit_line = next(ln for ln in settings.splitlines() if "**Git commit**" in ln)
-    assert f"`{rand1.data.tags['git_commit']}`" in commit_line
+    assert f"`{render.short_commit(rand1.data.tags['git_commit'])}`" in commit_line
 
     findings = text.split("## Findings", 1)[1].split("## Missing cells", 1)[0]
     acc = {k: r.data.metrics["test_accuracy"] for k, r in runs.items()}

@@ -416,6 +416,25 @@ def test_runs_from_other_commits_are_listed_but_not_flagged_as_another_protocol(
     assert "⚠ 1 setting(s) differ between runs" in text and "the ⚠ settings aside, the protocol agrees" in text
 
 
+def test_a_study_made_over_many_commits_counts_their_runs_rather_than_naming_them(tmp_path):
+    """A study run in pieces collects a commit or two per piece: the Settings line says how
+    many runs each (short) commit made, so that it stays readable, and names the runs only
+    where there are few commits."""
+    commits = [c * 40 for c in "abcd"]
+    runs = [make_run(p, 10, metrics={"test_accuracy": 80.0}, tags={"git_commit": c})
+            for p, c in zip(("rand", "snip", "grasp", "synflow"), commits)]
+    runs.append(make_run("rand", 1, metrics={"test_accuracy": 85.0}, tags={"git_commit": commits[0]}))
+    text = render.render(study(runs, pruners=("rand", "snip", "grasp", "synflow")), str(tmp_path))
+    line = next(ln for ln in text.splitlines() if ln.startswith("- **Git commit**"))
+    assert line == ("- **Git commit**: differs between runs (4 values, each run's `git_commit` tag names its own): "
+                    "`aaaaaaaaaaaa` in 2 runs; `bbbbbbbbbbbb` in 1 run; `cccccccccccc` in 1 run; "
+                    "`dddddddddddd` in 1 run")
+    runs = [r for r in runs if r.tags["git_commit"] in commits[:2]]
+    text = render.render(study(runs, pruners=("rand", "snip")), str(tmp_path))
+    line = next(ln for ln in text.splitlines() if ln.startswith("- **Git commit**"))
+    assert line.startswith("- **Git commit**: differs between runs: `aaaaaaaaaaaa` in 2 runs (resnet20-"), line
+
+
 def test_cells_trained_in_another_precision_are_marked_where_their_accuracy_is_compared(tmp_path):
     # A study resumed on a machine without native bf16: one cell trained in fp32, the rest in bf16.
     runs = [make_run("rand", 1, metrics={"test_accuracy": 85.0}),

@@ -50,6 +50,7 @@ PRETRAIN_SETTINGS = ("pre_epochs", "pre_patience")
 # listed but not flagged as a protocol change. (Precision, which a machine decides under
 # `auto`, changes the arithmetic: it stays a setting.)
 PROVENANCE = ("device", "torch_version", "mlflow_version", "prunetrack_version", "git_commit")
+MAX_NAMED_VERSIONS = 3  # a provenance setting with more values lists counts, not runs
 
 
 def protocol(s: Study) -> str:
@@ -76,6 +77,14 @@ def protocol(s: Study) -> str:
     return text + "."
 
 
+def short_commit(value: str) -> str:
+    """A commit as `git log --abbrev=12` shows it, its `-dirty` mark kept."""
+    sha, dirty, _ = value.partition("-dirty")
+    if len(sha) == 40 and all(ch in "0123456789abcdef" for ch in sha):
+        return sha[:12] + dirty
+    return value
+
+
 def settings_section(s: Study) -> list[str]:
     """The protocol as the runs logged it, one line per setting; a setting with several
     values among the runs is flagged with the runs holding each."""
@@ -93,12 +102,20 @@ def settings_section(s: Study) -> list[str]:
         if len(values) == 1:
             lines.append(f"- **{title}**{suffix}: `{next(iter(values))}`")
             return
-        parts = [f"`{v}` in {plural(len(rs), 'run')} ({names(rs)})"
-                 for v, rs in sorted(values.items(), key=lambda kv: -len(kv[1]))]
+        ordered = sorted(values.items(), key=lambda kv: (-len(kv[1]), str(kv[0])))  # most runs first
         if key in PROVENANCE:
+            # Not a protocol setting: a study run in pieces collects many commits, and naming
+            # every run of each would bury the protocol; past a few values, counts only (each
+            # run's tag has its own).
+            short = short_commit if key == "git_commit" else (lambda v: v)
+            few = len(ordered) <= MAX_NAMED_VERSIONS
+            parts = [f"`{short(v)}` in {plural(len(rs), 'run')}" + (f" ({names(rs)})" if few else "")
+                     for v, rs in ordered]
             versions.append(title)
-            lines.append(f"- **{title}**{suffix}: differs between runs: " + "; ".join(parts))
+            lines.append(f"- **{title}**{suffix}: differs between runs" + ("" if few else f" ({len(ordered)} values, "
+                         f"each run's `{key}` tag names its own)") + ": " + "; ".join(parts))
             return
+        parts = [f"`{v}` in {plural(len(rs), 'run')} ({names(rs)})" for v, rs in ordered]
         flagged += 1
         lines.append(f"- **{title}**{suffix}: ⚠ differs between runs: " + "; ".join(parts))
 
