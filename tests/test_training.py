@@ -36,6 +36,7 @@ def test_lr_drops_take_effect_at_their_epochs():
     lrs = []
     for _ in range(5):
         lrs.append(opt.param_groups[0]["lr"])
+        opt.step()  # an epoch's steps, then the scheduler: the order PyTorch expects
         sched.step()
     assert lrs == pytest.approx([0.1, 0.1, 0.05, 0.05, 0.025])
 
