@@ -160,6 +160,32 @@ def test_cells_pruned_from_a_repeated_pretraining_are_marked_and_not_compared_as
     assert "¶" not in "\n".join(tables.tables_section(s) + findings.baseline_findings(s))
 
 
+def test_cells_pruned_from_an_exact_repeat_of_the_pretraining_are_not_marked():
+    """Training here is deterministic, also across CPUs: a pre-training repeated with every
+    curve equal at every epoch holds the same weights as the first, so the cells pruned from
+    it compare like for like, and the Pre-training section says why they carry no mark. A
+    repeat equal where both logged but longer is not exact."""
+    first, again = pretrain("patience", 18, 13), pretrain("patience", 18, 13)
+    first.tags.update(pretrain_hash="p0", **{"prunetrack.imported_from": "0ld"})
+    again.id, again.tags["pretrain_hash"] = "5ec0nd00" + "0" * 24, "p0"
+    runs = [make_run("rand", 1, metrics={"test_accuracy": 80.0, "flops_effective": 8e7}), mag(1, 85.0), mag(10, 84.0),
+            make_run("mag", 20, metrics={"test_accuracy": 82.0, "flops_effective": 4e6},
+                     tags={"pretrain_run": again.id}, params={"pre_epochs": "200", "pre_patience": "20"})]
+    s = study(runs, [first, again], compressions=[1, 10, 20])
+    assert [r[2] for r in rows("\n".join(tables.tables_section(s)), 2)] == ["85.00", "84.00", "82.00"]
+    assert "¶" not in "\n".join(findings.baseline_findings(s))
+    section = "\n".join(findings.pretrain_text(s))
+    assert ("They repeat each other exactly (train_loss, test_loss and test_top1 equal at all 18 epochs), so the "
+            "Magnitude runs of both prune the same weights and compare like for like.") in section
+    # Equal for 18 epochs, then the repeat went on: another training, marked.
+    longer = pretrain("patience", 20, 13)
+    longer.id, longer.tags["pretrain_hash"] = again.id, "p0"
+    s = study(runs, [first, longer], compressions=[1, 10, 20])
+    assert [r[2] for r in rows("\n".join(tables.tables_section(s)), 2)][2] == "82.00 ¶"
+    assert "Their curves are equal at the 18 epochs both logged, but one logged more epochs" in \
+        "\n".join(findings.pretrain_text(s))
+
+
 def test_a_dense_run_that_repeats_the_pretraining_is_compared_with_it():
     pre = pretrain("patience", 12, 8)
     pre.params.update(optimizer="adam", lr="0.001", batch_size="128", weight_decay="0.0", lr_drops="")

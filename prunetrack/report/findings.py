@@ -9,7 +9,6 @@ from typing import NamedTuple
 
 from prunetrack.report.records import (
     ACCURACY,
-    CURVE_KEYS,
     PRETRAINED_AGAIN,
     TIMED_TEST_TIME,
     UNSHARED_AT_1X,
@@ -18,6 +17,7 @@ from prunetrack.report.records import (
     Stat,
     Study,
     cell_name,
+    history_gap,
     join_words,
     model_label,
     n_words,
@@ -26,6 +26,7 @@ from prunetrack.report.records import (
     pruner_label,
     pruner_name,
     round_range,
+    same_training,
     timing_passes,
     value_range,
 )
@@ -414,16 +415,6 @@ def pretrain_sentence(pre: Pretrain, shared: bool) -> str:
     return text + "."
 
 
-def history_gap(a: Run | Pretrain, b: Run | Pretrain) -> dict[str, tuple[int, float]]:
-    """{curve: (epochs both logged, the largest difference at any of them)}."""
-    gap = {}
-    for k in CURVE_KEYS:
-        x, y = dict(a.histories.get(k, [])), dict(b.histories.get(k, []))
-        if common := x.keys() & y.keys():
-            gap[k] = (len(common), max(abs(x[e] - y[e]) for e in common))
-    return gap
-
-
 def gap_words(gap: dict[str, tuple[int, float]]) -> str:
     return "by at most " + join_words([f"{v:.4g} in {k}" for k, (_, v) in gap.items() if v])
 
@@ -465,9 +456,13 @@ def repeat_sentence(first: Pretrain, again: Pretrain) -> str:
     if not gap:
         return text + "Their per-epoch curves were not both logged, so whether they repeat each other is unknown."
     epochs = max(n for n, _ in gap.values())
+    if same_training(first, again):
+        return text + (f"They repeat each other exactly ({join_words(list(gap))} equal at all {epochs} epochs), so "
+                       "the Magnitude runs of both prune the same weights and compare like for like.")
     if all(v == 0 for _, v in gap.values()):
-        return text + (f"They repeat each other exactly ({join_words(list(gap))} equal at all {epochs} epochs both "
-                       "logged), so the Magnitude runs of both prune the same weights.")
+        return text + (f"Their curves are equal at the {epochs} epochs both logged, but one logged more epochs than "
+                       f"the other, so they may end with other weights: the Magnitude runs of the repeat are marked "
+                       f"{PRETRAINED_AGAIN}.")
     return text + (f"They differ, {gap_words(gap)} over {plural(epochs, 'epoch')}: the Magnitude runs of the two "
                    "prune slightly different weights, and differences of that size between them are noise.")
 

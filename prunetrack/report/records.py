@@ -26,7 +26,7 @@ NOT_LOGGED = "—*"
 SHARED = "†"
 OTHER_PRECISION = "‡"  # a cell trained in another precision than most of the study
 OTHER_TIMING = "§"     # a cell timed on another device or in another precision than most
-PRETRAINED_AGAIN = "¶"  # a cell pruned from a pre-training repeated after the one other cells prune
+PRETRAINED_AGAIN = "¶"  # a cell pruned from a pre-training repeated, not exactly, after the one others prune
 ABLATIONS = ("shuffle", "reinit", "invert")
 TAG_FIRST = {"device", "precision"}  # the param says "auto", the tag names what the job used
 UNSHARED_AT_1X = ("mag",)  # starts from pre-trained weights: its 1x is a network of its own
@@ -138,6 +138,29 @@ class Pretrain:
     def key(self) -> str:
         """Its settings' hash (tag `pretrain_hash`): two pre-trainings with one key are a repeat."""
         return self.tags.get("pretrain_hash", self.id)
+
+
+def history_gap(a, b) -> dict[str, tuple[int, float]]:
+    """{curve: (epochs both logged, the largest difference at any of them)} of two runs or
+    pre-trainings."""
+    gap = {}
+    for k in CURVE_KEYS:
+        x, y = dict(a.histories.get(k, [])), dict(b.histories.get(k, []))
+        if common := x.keys() & y.keys():
+            gap[k] = (len(common), max(abs(x[e] - y[e]) for e in common))
+    return gap
+
+
+def same_training(first: Pretrain, again: Pretrain) -> bool:
+    """Whether `again` repeats `first` to the last digit: the same precision, as many epochs,
+    and every curve equal at every epoch. Training here is deterministic (the Pre-training
+    section checks it against a dense run of the same settings), so the two end with the
+    same weights, and Magnitude takes the same masks from either."""
+    if first.setting("precision") != again.setting("precision"):
+        return False
+    gap = history_gap(first, again)
+    lengths = {len(p.histories.get(k, [])) for p in (first, again) for k in CURVE_KEYS}
+    return bool(gap) and len(lengths) == 1 and all(v == 0 for _, v in gap.values())
 
 
 def norm(value) -> str:
@@ -334,11 +357,16 @@ class Study:
         return [(pre, first[pre.key]) for pre in self.pretrains if first[pre.key] is not pre]
 
     def pretrained_again(self, runs: list[Run]) -> list[Run]:
-        """The runs among `runs` that prune a repeated pre-training (see repeats), which other
-        runs prune the first of: the two hold different weights unless they repeat each other
-        exactly (the Pre-training section says)."""
-        later = {u.id for repeat, _ in self.repeats() for u in repeat.users}
+        """The runs among `runs` that prune a repeated pre-training (see repeats) which does
+        not repeat the first exactly (see same_training): they prune other weights than the
+        runs of the first do. An exact repeat holds the same weights, so its runs are not
+        marked (the Pre-training section says it repeated)."""
+        later = {u.id for repeat, _ in self.inexact_repeats() for u in repeat.users}
         return [r for r in runs if r.id in later]
+
+    def inexact_repeats(self) -> list[tuple[Pretrain, Pretrain]]:
+        """The (repeat, first) pairs of repeats() whose repeat is not exact (see same_training)."""
+        return [(again, first) for again, first in self.repeats() if not same_training(first, again)]
 
     @property
     def precision(self) -> str | None:

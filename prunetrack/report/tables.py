@@ -61,18 +61,18 @@ def precision_note(s: Study) -> tuple[str, str] | None:
 
 
 def pretrain_note(s: Study) -> tuple[str, str] | None:
-    """The footnote of the pilcrow: which cells prune a pre-training repeated after the one
-    the other cells of their pruner prune."""
+    """The footnote of the pilcrow: which cells prune a pre-training repeated, not exactly,
+    after the one the other cells of their pruner prune."""
     again = s.pretrained_again(s.runs)
     if not again:
         return None
-    repeats = s.repeats()
+    repeats = s.inexact_repeats()
     firsts = list(dict.fromkeys(first.label for _, first in repeats))
     return PRETRAINED_AGAIN, (
         f"{PRETRAINED_AGAIN} pruned from a repeat of the pre-training that the other cells of its pruner prune "
         f"({join_words([pre.label for pre, _ in repeats])}, with every setting of {join_words(firsts)}; "
         f"{plural(len(again), 'run')}: {names(again)}), trained again where the first one's weights were not at "
-        "hand (an export carries none). Unless the two repeat each other exactly, these cells prune other "
+        "hand (an export carries none). The two do not repeat each other exactly, so these cells prune other "
         "weights; the Pre-training section says how far the two differ.")
 
 
