@@ -83,6 +83,7 @@ def run_pretrain(cfg: JobConfig, device: torch.device, experiment: str, ckpt: ch
             f"{best['test_top1']:.2f}%).")
         weights = {k: v for k, v in s.model.state_dict().items() if not masking.is_mask_key(k)}
         tracking.log_weights(weights)
+        tracking.log_tags({"weights_sha256": tracking.weights_digest(weights)})
         print(f"pre-training done: {len(history)} epochs, weights of epoch {best['epoch']} "
               f"(test loss {best['test_loss']:.4f}, top-1 {best['test_top1']:.2f}%)", flush=True)
     ckpt.delete()

@@ -198,6 +198,20 @@ def log_weights(state: dict[str, torch.Tensor], name: str = "weights.pt") -> Non
         mlflow.log_artifact(path)
 
 
+def weights_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a state dict: every tensor's name, dtype, shape and bytes, in name order.
+    Two pre-trainings with one digest hold the same weights to the bit, so the runs that
+    prune either compare like for like (the report reads it: tag `weights_sha256`)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def load_weights(source: str) -> dict[str, torch.Tensor]:
     """Weights logged by `log_weights`: from a run id, `runs:/<run_id>` (its weights.pt),
     any artifact URI of such a file, or a local path."""

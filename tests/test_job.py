@@ -93,6 +93,11 @@ def test_pretraining_is_a_run_of_its_own_then_fresh_training(mlflow_store):
     assert pre.info.status == "FINISHED" and pre.data.tags["prunetrack.kind"] == "pretrain"
     assert [m.step for m in client.get_metric_history(pre.info.run_id, "train_loss")] == [1, 2]
     assert "weights.pt" in {a.path for a in client.list_artifacts(pre.info.run_id)}
+    # The digest names the logged weights, bit for bit (a repeat with the same one holds the same weights).
+    weights = tracking.load_weights(pre.info.run_id)
+    assert pre.data.tags["weights_sha256"] == tracking.weights_digest(weights)
+    weights["conv1.weight"][0, 0, 0, 0] += 1e-6
+    assert tracking.weights_digest(weights) != pre.data.tags["weights_sha256"]
     assert pre.data.tags["mlflow.note.content"].startswith("Pre-training of resnet20 on synthetic (seed 0)")
     assert "2 epochs of at most 2; `weights.pt` holds epoch 2" in pre.data.tags["mlflow.note.content"]
     assert f"from the weights of pre-training run {pre.info.run_id}" in run.data.tags["mlflow.note.content"]

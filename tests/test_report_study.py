@@ -184,6 +184,15 @@ def test_cells_pruned_from_an_exact_repeat_of_the_pretraining_are_not_marked():
     assert [r[2] for r in rows("\n".join(tables.tables_section(s)), 2)][2] == "82.00 ¶"
     assert "Their curves are equal at the 18 epochs both logged, but one logged more epochs" in \
         "\n".join(findings.pretrain_text(s))
+    # Where both logged the digest of their weights, it decides, whatever the curves say.
+    first.tags["weights_sha256"], again.tags["weights_sha256"] = "ab" * 32, "cd" * 32
+    s = study(runs, [first, again], compressions=[1, 10, 20])
+    assert [r[2] for r in rows("\n".join(tables.tables_section(s)), 2)][2] == "82.00 ¶"
+    assert "Their weights differ (tag `weights_sha256`)" in "\n".join(findings.pretrain_text(s))
+    longer.tags["weights_sha256"] = first.tags["weights_sha256"]
+    s = study(runs, [first, longer], compressions=[1, 10, 20])
+    assert [r[2] for r in rows("\n".join(tables.tables_section(s)), 2)][2] == "82.00"
+    assert "They hold the same weights, to the bit (tag `weights_sha256`)" in "\n".join(findings.pretrain_text(s))
 
 
 def test_a_dense_run_that_repeats_the_pretraining_is_compared_with_it():

@@ -12,6 +12,7 @@ from prunetrack.report.records import (
     PRETRAINED_AGAIN,
     TIMED_TEST_TIME,
     UNSHARED_AT_1X,
+    WEIGHTS_DIGEST,
     Pretrain,
     Run,
     Stat,
@@ -452,6 +453,12 @@ def repeat_sentence(first: Pretrain, again: Pretrain) -> str:
                        f"{again.setting('precision')}: `precision: auto` takes what each machine has natively), so "
                        "they are two pre-trainings, not one repeated: the Magnitude runs of the two prune "
                        "different weights, and differences between them include the change of arithmetic.")
+    digests = {r.tags.get(WEIGHTS_DIGEST) for r in (first, again)}
+    if None not in digests:
+        return text + ("They hold the same weights, to the bit (tag `weights_sha256`), so the Magnitude runs of both "
+                       "prune the same weights and compare like for like." if len(digests) == 1 else
+                       f"Their weights differ (tag `weights_sha256`): the Magnitude runs of the repeat are marked "
+                       f"{PRETRAINED_AGAIN}.")
     gap = history_gap(first, again)
     if not gap:
         return text + "Their per-epoch curves were not both logged, so whether they repeat each other is unknown."

@@ -34,6 +34,7 @@ UNSHARED_AT_1X = ("mag",)  # starts from pre-trained weights: its 1x is a networ
 TWIN_KEYS = ("seed", "dataset_sha256", "train_subset", "optimizer", "lr", "weight_decay", "lr_drops", "lr_drop_rate",
              "batch_size", "precision")
 CURVE_KEYS = ("train_loss", "test_loss", "test_top1")  # per-epoch metrics the figures draw
+WEIGHTS_DIGEST = "weights_sha256"  # a pre-training's weights, hashed (tracking.weights_digest)
 
 
 class ReportError(RuntimeError):
@@ -152,10 +153,13 @@ def history_gap(a, b) -> dict[str, tuple[int, float]]:
 
 
 def same_training(first: Pretrain, again: Pretrain) -> bool:
-    """Whether `again` repeats `first` to the last digit: the same precision, as many epochs,
-    and every curve equal at every epoch. Training here is deterministic (the Pre-training
-    section checks it against a dense run of the same settings), so the two end with the
-    same weights, and Magnitude takes the same masks from either."""
+    """Whether `again` repeats `first` to the bit, so that Magnitude takes the same masks
+    from either: by the digest of their weights (tag `weights_sha256`) where both have one;
+    else the same precision, as many epochs, and every curve equal at every epoch (training
+    here is deterministic: the Pre-training section checks it against a dense run of the same
+    settings)."""
+    if first.tags.get(WEIGHTS_DIGEST) and again.tags.get(WEIGHTS_DIGEST):
+        return first.tags[WEIGHTS_DIGEST] == again.tags[WEIGHTS_DIGEST]
     if first.setting("precision") != again.setting("precision"):
         return False
     gap = history_gap(first, again)
