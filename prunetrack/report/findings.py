@@ -447,18 +447,18 @@ def repeat_sentence(first: Pretrain, again: Pretrain) -> str:
     text = (f"Pre-trained twice: {again.label} has every setting of {first.label} (tag `pretrain_hash`), which "
             f"{'was imported from an export that carries no weights' if first.tags.get(IMPORTED_FROM) else 'finished before it'}"
             f", so the runs made since pre-trained again to have weights to prune. ")
-    arithmetic = {r.setting("precision") for r in (first, again)}
-    if len(arithmetic) > 1:  # `precision: auto` is in the hash; what it resolved to is the tag
-        return text + (f"They trained in different precisions ({first.setting('precision')}, then "
-                       f"{again.setting('precision')}: `precision: auto` takes what each machine has natively), so "
-                       "they are two pre-trainings, not one repeated: the Magnitude runs of the two prune "
-                       "different weights, and differences between them include the change of arithmetic.")
     digests = {r.tags.get(WEIGHTS_DIGEST) for r in (first, again)}
     if None not in digests:
         return text + ("They hold the same weights, to the bit (tag `weights_sha256`), so the Magnitude runs of both "
                        "prune the same weights and compare like for like." if len(digests) == 1 else
                        f"Their weights differ (tag `weights_sha256`): the Magnitude runs of the repeat are marked "
                        f"{PRETRAINED_AGAIN}.")
+    arithmetic = {r.setting("precision") for r in (first, again)}
+    if len(arithmetic) > 1:  # `precision: auto` is in the hash; what it resolved to is the tag
+        return text + (f"They trained in different precisions ({first.setting('precision')}, then "
+                       f"{again.setting('precision')}: `precision: auto` takes what each machine has natively), so "
+                       "they are two pre-trainings, not one repeated: the Magnitude runs of the two prune "
+                       "different weights, and differences between them include the change of arithmetic.")
     gap = history_gap(first, again)
     if not gap:
         return text + "Their per-epoch curves were not both logged, so whether they repeat each other is unknown."
