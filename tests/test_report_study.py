@@ -130,7 +130,13 @@ def test_a_pretraining_repeated_in_another_precision_is_not_called_noise():
     text = findings.repeat_sentence(first, again)
     assert "They trained in different precisions (bf16, then fp32" in text and "noise" not in text
     again.tags["precision"] = "bf16"  # the same arithmetic: the curves decide
-    assert "They differ, by at most" in findings.repeat_sentence(first, again)
+    text = findings.repeat_sentence(first, again)
+    assert "They differ, by at most" in text and "marked ¶" in text and "devices" not in text
+    first.tags["device"], again.tags["device"] = "cpu (AMD EPYC, AVX512, native bf16, 2 threads)", "cpu (Xeon, AVX512, native bf16, 2 threads)"
+    assert (", having trained on different devices (`cpu (AMD EPYC, AVX512, native bf16, 2 threads)` for "
+            "resnet20-pretrain-200ep-s0 (feedface), `cpu (Xeon, AVX512, native bf16, 2 threads)` for "
+            "resnet20-pretrain-200ep-s0 (5ec0nd00)), "
+            "whose kernels need not round alike:") in findings.repeat_sentence(first, again)
 
 
 def test_cells_pruned_from_a_repeated_pretraining_are_marked_and_not_compared_as_like_for_like():
@@ -211,6 +217,11 @@ def test_a_dense_run_that_repeats_the_pretraining_is_compared_with_it():
         "resuming from a checkpoint (last: resnet20-pretrain-200ep-s0 at epoch 5) does not change it.")
     dense.histories["test_top1"] = [(e, v + 0.01 * (e == 3)) for e, v in dense.histories["test_top1"]]
     assert "They differ, by at most 0.01 in test_top1 (the largest gap" in findings.pretrain_text(s)[2]
+    assert "not bit-for-bit repeatable here" in findings.pretrain_text(s)[2]
+    pre.tags["device"], dense.tags["device"] = "cpu (Xeon, AVX512, native bf16, 2 threads)", "cpu (x86_64, 2 threads)"
+    # another processor's kernels: a gap says nothing about determinism on one
+    assert "the kernels of different processors need not round alike" in findings.pretrain_text(s)[2]
+    assert "not bit-for-bit repeatable" not in findings.pretrain_text(s)[2]
     dense.params["lr"] = "0.01"  # another setting: not a repetition, nothing to compare
     assert s.twins(pre) == [] and len(findings.pretrain_text(s)) == 2
 

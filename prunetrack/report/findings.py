@@ -436,8 +436,20 @@ def twin_sentence(pre: Pretrain, twin: Run) -> str:
         if resumed:
             text += f", and resuming from a checkpoint (last: {join_words(resumed)}) does not change it"
         return text + "."
+    if devices := other_devices(pre, twin):
+        return text + (f"They differ, {gap_words(gap)} (the largest gap over the epochs), and trained {devices}: "
+                       "the kernels of different processors need not round alike, so this compares the two "
+                       "devices, not two trainings on one.")
     return text + ("They differ, " + gap_words(gap) + " (the largest gap over the epochs): the arithmetic is not bit-for-bit repeatable here, so "
                    "differences of that size between runs are noise, not an effect of their settings.")
+
+
+def other_devices(a, b) -> str:
+    """'on different devices (...)' where two runs' `device` tags differ, else ''."""
+    devices = [r.tags.get("device") for r in (a, b)]
+    if None in devices or devices[0] == devices[1]:
+        return ""
+    return f"on different devices (`{devices[0]}` for {a.label}, `{devices[1]}` for {b.label})"
 
 
 def repeat_sentence(first: Pretrain, again: Pretrain) -> str:
@@ -470,8 +482,11 @@ def repeat_sentence(first: Pretrain, again: Pretrain) -> str:
         return text + (f"Their curves are equal at the {epochs} epochs both logged, but one logged more epochs than "
                        f"the other, so they may end with other weights: the Magnitude runs of the repeat are marked "
                        f"{PRETRAINED_AGAIN}.")
-    return text + (f"They differ, {gap_words(gap)} over {plural(epochs, 'epoch')}: the Magnitude runs of the two "
-                   "prune slightly different weights, and differences of that size between them are noise.")
+    devices = other_devices(first, again)
+    return text + (f"They differ, {gap_words(gap)} over {plural(epochs, 'epoch')}"
+                   + (f", having trained {devices}, whose kernels need not round alike" if devices else "")
+                   + f": the Magnitude runs of the repeat (marked {PRETRAINED_AGAIN}) prune other weights than "
+                   "those of the first, so a difference between the two includes the change of pre-training.")
 
 
 def pretrain_text(s: Study) -> list[str]:
