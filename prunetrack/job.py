@@ -65,13 +65,18 @@ def resolve_device(name: str) -> torch.device:
 
 def device_name(device: torch.device) -> str:
     """What the runs' `device` tag, the estimates and the timing passes call a device. On a
-    CPU: its model, the vector instructions torch uses and whether it has native bf16, since
+    CPU: its model, the vector instructions torch uses and its native bf16 (AMX or
+    AVX512-BF16: the two compute bf16 differently, see training.cpu_bf16), since
     CPUs of one architecture differ several-fold in speed (BENCHMARKS.md: 2 cores of an
     AVX2-only EPYC train VGG16 in fp32 at a fifth of the rate of 2 cores with AVX-512)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     model = training.cpu_info().get("model name") or platform.processor() or platform.machine()
-    isa = torch.backends.cpu.get_cpu_capability() + (", native bf16" if training.native_bf16(device) else "")
+    isa = torch.backends.cpu.get_cpu_capability()
+    if bf16 := training.cpu_bf16(device):
+        isa += f", native bf16 ({bf16})"
+    if cap := os.environ.get("ONEDNN_MAX_CPU_ISA"):  # oneDNN uses no instructions beyond it (e.g. no AMX)
+        isa += f", ONEDNN_MAX_CPU_ISA={cap}"
     return f"cpu ({model}, {isa}, {torch.get_num_threads()} threads)"
 
 

@@ -29,10 +29,6 @@ config.check_registry("optimizers", OPTIMIZERS)
 
 PRECISIONS = config.PRECISIONS
 
-# CPU flags (Linux /proc/cpuinfo names) of native bf16 arithmetic: AMX tiles, or the
-# AVX-512 bf16 dot products. A CPU with neither only emulates bf16 in oneDNN, which is
-# slower than fp32, so `auto` must not pick bf16 there.
-NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 WHERE_BF16_IS_NATIVE = "bf16 is native only on CUDA GPUs since Ampere and on CPUs with AMX or AVX512-BF16"
 
 
@@ -62,7 +58,17 @@ def native_bf16(device: torch.device) -> bool:
     (Ampere; older ones emulate it), or a CPU with AMX or AVX512-BF16."""
     if device.type == "cuda":
         return torch.cuda.get_device_capability(device) >= (8, 0)
-    return device.type == "cpu" and any(flag in cpu_flags() for flag in NATIVE_BF16_FLAGS)
+    return cpu_bf16(device) is not None
+
+
+def cpu_bf16(device: torch.device) -> str | None:
+    """The native bf16 of a CPU, by the instructions oneDNN computes it with (Linux
+    /proc/cpuinfo flags): AMX tiles where the CPU has them, else AVX512-BF16 dot products;
+    None where it has neither (or `device` is no CPU). A CPU with neither only emulates bf16
+    in oneDNN, slower than fp32, so `auto` must not pick bf16 there. Runs of the same settings
+    on AMX and on AVX512-BF16 did not repeat each other to the bit."""
+    flags = cpu_flags() if device.type == "cpu" else frozenset()
+    return "AMX" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else None
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

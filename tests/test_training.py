@@ -170,9 +170,17 @@ def test_device_name_tells_cpus_of_one_architecture_apart(monkeypatch):
 
     cpu, threads, isa = torch.device("cpu"), torch.get_num_threads(), torch.backends.cpu.get_cpu_capability()
     monkeypatch.setattr(training, "cpu_info", lambda: {"model name": "Some CPU 7000", "flags": "avx2 avx512_bf16"})
-    assert device_name(cpu) == f"cpu (Some CPU 7000, {isa}, native bf16, {threads} threads)"
+    assert device_name(cpu) == f"cpu (Some CPU 7000, {isa}, native bf16 (AVX512-BF16), {threads} threads)"
+    # AMX computes bf16 otherwise than AVX512-BF16: the tag that tells runs apart says which
+    monkeypatch.setattr(training, "cpu_info", lambda: {"model name": "Some CPU 7000", "flags": "avx512_bf16 amx_bf16"})
+    assert device_name(cpu) == f"cpu (Some CPU 7000, {isa}, native bf16 (AMX), {threads} threads)"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")  # oneDNN told to leave AMX alone
+    assert device_name(cpu) == (f"cpu (Some CPU 7000, {isa}, native bf16 (AMX), ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16, "
+                                f"{threads} threads)")
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
     monkeypatch.setattr(training, "cpu_info", lambda: {"model name": "Some CPU 7000", "flags": "avx2"})
     assert device_name(cpu) == f"cpu (Some CPU 7000, {isa}, {threads} threads)"
+    assert not training.native_bf16(cpu) and training.resolve_precision("auto", cpu) == "fp32"
 
 
 def test_a_gpu_index_beyond_the_visible_ones_is_refused_with_the_ones_there(monkeypatch):
