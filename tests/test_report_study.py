@@ -218,10 +218,16 @@ def test_a_dense_run_that_repeats_the_pretraining_is_compared_with_it():
     dense.histories["test_top1"] = [(e, v + 0.01 * (e == 3)) for e, v in dense.histories["test_top1"]]
     assert "They differ, by at most 0.01 in test_top1 (the largest gap" in findings.pretrain_text(s)[2]
     assert "not bit-for-bit repeatable here" in findings.pretrain_text(s)[2]
-    pre.tags["device"], dense.tags["device"] = "cpu (Xeon, AVX512, native bf16, 2 threads)", "cpu (x86_64, 2 threads)"
+    pre.tags["device"], dense.tags["device"] = "cpu (Xeon, AVX512, native bf16, 2 threads)", "cpu (EPYC, AVX2, 2 threads)"
     # another processor's kernels: a gap says nothing about determinism on one
     assert "the kernels of different processors need not round alike" in findings.pretrain_text(s)[2]
     assert "not bit-for-bit repeatable" not in findings.pretrain_text(s)[2]
+    dense.tags["device"] = "cpu (x86_64, 2 threads)"  # an older tag: which processor is unknown, so no verdict
+    assert "do not tell whether they trained on one kind of processor" in findings.pretrain_text(s)[2]
+    assert "not bit-for-bit repeatable" not in findings.pretrain_text(s)[2]
+    assert "different processors" not in findings.pretrain_text(s)[2]
+    dense.tags["device"] = pre.tags["device"] = "cpu (Xeon, AVX512, native bf16 (AMX), 2 threads)"
+    assert "not bit-for-bit repeatable here" in findings.pretrain_text(s)[2]
     dense.params["lr"] = "0.01"  # another setting: not a repetition, nothing to compare
     assert s.twins(pre) == [] and len(findings.pretrain_text(s)) == 2
 
@@ -611,3 +617,30 @@ def test_runs_trained_longer_stay_out_of_the_tables_and_compare_the_budgets(tmp_
             "after 10 epochs, lowest 0.600 at epoch 30; train loss 0.100 after 10, 0.033 after 30.") in md
     # Without longer runs there is no section.
     assert "## Training budget" not in render.render(study(short, pruners=("rand", "snip")), str(tmp_path))
+
+
+def test_device_tags_differ_only_in_the_parts_both_name():
+    new, old = "cpu (Xeon, AVX512, native bf16 (AMX), 2 threads)", "cpu (Xeon, AVX512, native bf16, 2 threads)"
+    assert findings.same_device(new, new) is True
+    assert findings.same_device(new, old) is None  # the older tag leaves the bf16 path out
+    assert findings.same_device(old, old) is None
+    assert findings.same_device(new, "cpu (Xeon, AVX512, native bf16 (AVX512-BF16), 2 threads)") is False
+    assert findings.same_device(new, "cpu (Xeon, AVX512, native bf16 (AMX), ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16, "
+                                     "2 threads)") is False
+    assert findings.same_device(new, "cpu (EPYC, AVX512, native bf16 (AMX), 2 threads)") is False
+    assert findings.same_device(old, "cpu (Xeon, AVX2, 2 threads)") is False  # bf16 against none
+    assert findings.same_device(new, "cpu (Xeon, AVX512, native bf16 (AMX), 4 threads)") is False
+    assert findings.same_device("cpu (x86_64, 2 threads)", "cpu (x86_64, 2 threads)") is None
+    assert findings.same_device("NVIDIA H100 80GB HBM3", "NVIDIA H100 80GB HBM3") is True
+    assert findings.same_device("NVIDIA H100 80GB HBM3", new) is False
+
+
+def test_device_parts_reads_what_the_jobs_write(monkeypatch):
+    import torch
+
+    from prunetrack import job, training
+    monkeypatch.setattr(training, "cpu_bf16", lambda device: "AMX")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    parts = findings.device_parts(job.device_name(torch.device("cpu")))
+    assert parts["bf16"] == "AMX" and parts["cap"] == "AVX512_CORE_BF16"
+    assert parts["isa"] == torch.backends.cpu.get_cpu_capability() and parts["threads"].endswith(" threads")

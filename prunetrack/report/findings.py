@@ -440,14 +440,63 @@ def twin_sentence(pre: Pretrain, twin: Run) -> str:
         return text + (f"They differ, {gap_words(gap)} (the largest gap over the epochs), and trained {devices}: "
                        "the kernels of different processors need not round alike, so this compares the two "
                        "devices, not two trainings on one.")
+    devices = [r.tags.get("device") for r in (pre, twin)]
+    if None not in devices and same_device(*devices) is None:
+        return text + (f"They differ, {gap_words(gap)} (the largest gap over the epochs); their `device` tags "
+                       f"(`{devices[0]}`, `{devices[1]}`) do not tell whether they trained on one kind of processor "
+                       "with the same arithmetic, so this says nothing about whether training here repeats itself.")
     return text + ("They differ, " + gap_words(gap) + " (the largest gap over the epochs): the arithmetic is not bit-for-bit repeatable here, so "
                    "differences of that size between runs are noise, not an effect of their settings.")
 
 
+ARCHITECTURES = {"x86_64", "AMD64", "aarch64", "arm64", "i386", "i686", ""}  # what stands in for an unnamed CPU model
+
+
+def device_parts(tag: str) -> dict:
+    """A `device` tag (job.device_name) as the parts it names; a part the tag's format
+    leaves out is absent. CPU tags: model, ISA, native bf16 ('none', the path 'AMX' or
+    'AVX512-BF16', or '?' where older tags said only 'native bf16'), oneDNN's ISA cap
+    and threads. A GPU's tag is its name."""
+    if not (tag.startswith("cpu (") and tag.endswith(")")):
+        return {"gpu": tag}
+    *named, threads = tag[len("cpu ("):-1].split(", ")
+    parts = {"threads": threads}
+    if named and named[0] not in ARCHITECTURES:
+        parts["model"] = named[0]
+    if len(named) < 2:  # the oldest tags: an architecture and the threads only
+        return parts
+    parts["isa"], parts["bf16"] = named[1], "none"
+    for part in named[2:]:
+        if part.startswith("native bf16"):
+            parts["bf16"] = part[len("native bf16 ("):-1] if part.endswith(")") else "?"
+        elif part.startswith("ONEDNN_MAX_CPU_ISA="):
+            parts["cap"] = part.split("=", 1)[1]
+    if parts["bf16"] != "?":  # tags that name the bf16 path also name the cap, where one was set
+        parts.setdefault("cap", "none")
+    return parts
+
+
+def same_device(a: str, b: str) -> bool | None:
+    """Whether two `device` tags name the same processor and arithmetic: False where a part
+    both name differs, True where both name every part alike, None where the tags cannot
+    tell (older tags left the model or the bf16 path out; identical text is not enough)."""
+    pa, pb = device_parts(a), device_parts(b)
+    if ("gpu" in pa) != ("gpu" in pb):
+        return False
+    both = pa.keys() & pb.keys()
+    for key in both:
+        if pa[key] != pb[key] and not (key == "bf16" and "?" in (pa[key], pb[key]) and "none" not in (pa[key], pb[key])):
+            return False
+    if "gpu" in both:
+        return True
+    known = {"model", "isa", "bf16", "cap", "threads"}
+    return True if known <= both and "?" not in (pa["bf16"], pb["bf16"]) else None
+
+
 def other_devices(a, b) -> str:
-    """'on different devices (...)' where two runs' `device` tags differ, else ''."""
+    """'on different devices (...)' where two runs' `device` tags show different devices, else ''."""
     devices = [r.tags.get("device") for r in (a, b)]
-    if None in devices or devices[0] == devices[1]:
+    if None in devices or same_device(*devices) is not False:
         return ""
     return f"on different devices (`{devices[0]}` for {a.label}, `{devices[1]}` for {b.label})"
 
