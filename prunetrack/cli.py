@@ -263,7 +263,10 @@ def sweep(spec, parallel, executor, ray_address, dry_run, allow_precision_change
               help="Arithmetic of the timed evaluations: each run's own (trained), or one for every run (auto: bf16 "
                    "where this device computes it natively, fp32 elsewhere). One for all compares runs that "
                    "trained in different precisions.")
-def time_cmd(experiment, rounds, batch_size, device, data_dir, models, untimed, precision):
+@click.option("--settle", type=click.FloatRange(min=0), default=180, show_default=True,
+              help="Seconds to wait at most for the load average to fall (the machine to be idle) before "
+                   "timing; 0: start at once.")
+def time_cmd(experiment, rounds, batch_size, device, data_dir, models, untimed, precision, settle):
     """Time inference under the same conditions for every finished run: rebuild each
     network from its logged masks, time a full test-set evaluation of each in interleaved
     rounds, and log the median and spread (timed_test_time*) and the conditions
@@ -279,7 +282,7 @@ def time_cmd(experiment, rounds, batch_size, device, data_dir, models, untimed, 
 
     try:
         timing.time_runs(experiment, rounds, batch_size, device, data_dir, models, echo=click.echo, untimed=untimed,
-                         precision=precision)
+                         precision=precision, settle_s=settle)
     except (store.TrackingError, ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
 

@@ -76,14 +76,31 @@ def masks_of(run, model: torch.nn.Module) -> tuple[dict[str, torch.Tensor] | Non
         return None, "its layers.json does not list this model's prunable layers"
 
 
+QUIET_LOAD = 0.5  # per CPU: the 1-minute load average below which the machine counts as idle
+
+
+def settle(limit_s: float, echo: Callable[[str], None] = print, poll_s: float = 5.0) -> float:
+    """Wait up to `limit_s` for the 1-minute load average to fall below QUIET_LOAD per CPU
+    and return it. A job that just stopped (a sweep's training) leaves the average high for
+    a minute or two after the CPUs are free: it decays by e every 60 s."""
+    quiet = QUIET_LOAD * (os.cpu_count() or 1)
+    load, deadline = os.getloadavg()[0], time.monotonic() + limit_s
+    if load > quiet and limit_s > 0:
+        echo(f"load average {load:.2f}: waiting up to {limit_s:.0f} s for it to fall below {quiet:.2f}")
+    while load > quiet and time.monotonic() < deadline:
+        time.sleep(min(poll_s, max(deadline - time.monotonic(), 0)))
+        load = os.getloadavg()[0]
+    return load
+
+
 def time_runs(experiment: str, rounds: int = 5, batch_size: int = 256, device: str = "auto",
               data_dir: str = "", models_: list[str] | None = None,
               echo: Callable[[str], None] = print, untimed: bool = False,
-              precision: str = "trained") -> list[Timed]:
+              precision: str = "trained", settle_s: float = 0) -> list[Timed]:
     """Time every finished prune run of `experiment` (with `untimed`, only those without a
     timed_test_time yet) and log the results to each run. `precision`: "trained" (each
     run's own), or one of config.PRECISIONS for every run ("auto": what this device
-    computes natively)."""
+    computes natively). `settle_s`: how long to wait first for the machine to be idle."""
     from prunetrack.job import device_name, resolve_device
 
     if rounds < 1:
@@ -100,8 +117,8 @@ def time_runs(experiment: str, rounds: int = 5, batch_size: int = 256, device: s
         if not runs:
             echo(f"every FINISHED prune run of {experiment!r} has a timed_test_time already; nothing to time")
             return []
-    load = os.getloadavg()[0]
-    if load > 0.5 * (os.cpu_count() or 1):
+    load = settle(settle_s, echo)
+    if load > QUIET_LOAD * (os.cpu_count() or 1):
         echo(f"WARNING: load average {load:.2f} on {os.cpu_count()} CPUs: something else is running, and the "
              f"times will show it (the load is logged with them)")
 

@@ -35,7 +35,7 @@ def test_timing_pass_logs_median_spread_and_conditions_to_each_run(mlflow_store)
     # A study that grows: the next pass with --untimed times only the cell finished since.
     new = run_job(_job(pruner="rand", compression=5))
     result = CliRunner().invoke(cli.cli, ["time", "--experiment", "timed", "--rounds", "2", "--batch-size", "50",
-                                          "--device", "cpu", "--untimed"])
+                                          "--device", "cpu", "--untimed", "--settle", "0"])
     assert result.exit_code == 0, result.output
     assert "timing 1 run of" in result.output and client.get_run(new).data.tags["timing.rounds"] == "2"
     assert all(client.get_run(i).data.tags["timing.rounds"] == "3" for i in ids)  # left as they were
@@ -77,7 +77,7 @@ def test_one_precision_for_every_run_times_runs_trained_in_another_in_it(mlflow_
     assert any(line.startswith("WARNING: 1 run trained in bf16") and "--precision fp32" in line for line in seen)
 
     result = CliRunner().invoke(cli.cli, ["time", "--experiment", "timed", "--rounds", "1", "--batch-size", "50",
-                                          "--device", "cpu", "--precision", "auto"])  # fp32: no native bf16
+                                          "--device", "cpu", "--precision", "auto", "--settle", "0"])  # fp32: no native bf16
     assert result.exit_code == 0, result.output
     assert "trained in bf16" not in result.output
     assert [client.get_run(i).data.tags["timing.precision"] for i in (bf16, fp32)] == ["fp32", "fp32"]
@@ -113,3 +113,18 @@ def test_runs_imported_without_masks_are_timed_under_their_layer_counts(mlflow_s
     [own] = timing.time_runs("timed", rounds=1, batch_size=50, device="cpu", echo=lambda line: None)
     assert client.get_run(original).data.tags["timing.masks"] == "logged"
     assert all(torch.equal(m.cpu(), logged[n]) for n, m in masking.get_masks(own.net).items())
+
+
+def test_timing_waits_for_the_load_a_stopped_job_leaves_to_fall(monkeypatch):
+    loads, slept, seen = iter([3.0, 2.5, 1.6, 0.7, 0.2]), [], []
+    monkeypatch.setattr(timing.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(timing.os, "getloadavg", lambda: (next(loads), 0.0, 0.0))
+    monkeypatch.setattr(timing.time, "sleep", slept.append)
+    assert timing.settle(600, seen.append, poll_s=5) == 0.7  # the first below 0.5 per CPU
+    assert slept == [5, 5, 5] and seen == ["load average 3.00: waiting up to 600 s for it to fall below 1.00"]
+    # A load that does not fall: the wait ends at the limit, and the caller warns with that load.
+    clock = iter(range(0, 1000, 5))
+    monkeypatch.setattr(timing.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(timing.os, "getloadavg", lambda: (1.8, 0.0, 0.0))
+    assert timing.settle(20, seen.append, poll_s=5) == 1.8
+    assert timing.settle(0, seen.append) == 1.8 and len(seen) == 2  # 0: no wait, no message
