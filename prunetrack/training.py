@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import statistics
 import time
 from typing import Callable
 
@@ -207,7 +208,8 @@ def fit(model: nn.Module, train_batches, test_batches, epochs: int, opt, sched,
         epoch_estimate: Callable[[], float | None] | None = None, final_evals: int = 0) -> int:
     """Train epochs start_epoch+1 .. `epochs`, evaluating after each; `on_epoch(epoch,
     metrics)` checkpoints and logs, and may return True to stop early. Returns the last
-    epoch run. Each epoch's line ends with an estimate of the time left in the phase;
+    epoch run. Each epoch's line ends with an estimate of the time left in the phase, at
+    the pace of the last epochs;
     with `stop_by` (the epoch by which an early stop ends the phase unless the test loss
     improves again, read after on_epoch), with both that and the time to `epochs`.
     Raises Diverged when an epoch's training loss is nan or inf, and interrupts.TimeUp
@@ -215,7 +217,7 @@ def fit(model: nn.Module, train_batches, test_batches, epochs: int, opt, sched,
     `epoch_estimate()` says an epoch takes, else the mean of the epochs run here (without
     either, it stops only once the limit has passed); the last epoch with the `final_evals`
     passes over the test set that follow it, at the evaluation time measured here."""
-    spent, done, epoch, evaluating = 0.0, 0, start_epoch, 0.0
+    spent, done, epoch, evaluating, took = 0.0, 0, start_epoch, 0.0, []
     for epoch in range(start_epoch + 1, epochs + 1):
         expected = epoch_estimate() if epoch_estimate else None
         expected = expected if expected is not None else (spent / done if done else None)
@@ -240,8 +242,11 @@ def fit(model: nn.Module, train_batches, test_batches, epochs: int, opt, sched,
         metrics = {"train_loss": train_loss, "test_loss": ev["loss"], "test_top1": ev["top1"],
                    "test_top5": ev["top5"], "epoch_time": seconds, "eval_time": evaluated}
         stop = on_epoch(epoch, metrics)
-        spent, done = spent + time.perf_counter() - start, done + 1  # the checkpoint and the logging too
-        per_epoch = spent / done
+        took.append(time.perf_counter() - start)  # the checkpoint and the logging too
+        spent, done = spent + took[-1], done + 1
+        # The time left at the pace of the last epochs (the median of 3: one epoch slowed by other
+        # work on the machine, or one after it ended, does not swing it), not the mean since the start.
+        per_epoch = statistics.median(took[-3:])
         if stop:
             left = "stopping early"
         elif stop_by is not None and stop_by() < epochs:

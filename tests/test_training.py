@@ -129,6 +129,26 @@ def test_an_epoch_line_bounds_the_time_left_of_a_phase_that_may_stop_early(capsy
     assert capsys.readouterr().out.strip().endswith("left in train)")  # the cap comes first: one bound
 
 
+def test_the_time_left_follows_the_pace_of_the_last_epochs(monkeypatch, capsys):
+    """An epoch slowed by other work on the machine (tests beside a sweep) is not averaged
+    into the rest of the phase: the estimate follows the last epochs."""
+    now, took = [0.0], {1: 100, 2: 900, 3: 100, 4: 100, 5: 500, 6: 500}
+    monkeypatch.setattr(training.time, "perf_counter", lambda: now[0])
+
+    def on_epoch(epoch, metrics):
+        now[0] += took.get(epoch, 500)
+
+    model = masking.add_masks(nn.Sequential(nn.Flatten(), nn.Linear(12, 4)))
+    opt, sched = training.make_optimizer("adam", model, 1e-3, 0.0, [], 0.1)
+    batches = [(torch.randn(8, 3, 2, 2), torch.randint(0, 4, (8,)))]
+    training.fit(model, batches, batches, 10, opt, sched, on_epoch)
+    left = [line.split("; ~")[1].split(" left")[0] for line in capsys.readouterr().out.splitlines()]
+    # 9 epochs at 100 s; after the slow epoch, the median of two is their mean; then 100 s again
+    # (the slow epoch is the outlier of three), where the mean since the start would say 366 s an
+    # epoch; after two slow epochs of three, their pace.
+    assert left[:6] == ["0:15:00", "1:06:40", "0:11:40", "0:10:00", "0:08:20", "0:33:20"]
+
+
 def test_an_epoch_is_started_only_if_it_ends_before_the_time_limit(monkeypatch):
     """After epoch 1 a second is left: enough for an epoch of this small network, but not for
     the last epoch when the measurements after it take long (a million passes over the test set)."""
