@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import mlflow
+from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
 from prunetrack import store, tracking
@@ -186,7 +187,8 @@ def _record_problem(record) -> str | None:
 class ImportSummary:
     experiment: str
     imported: int
-    skipped: int
+    skipped: int      # here already (imported before, or made here)
+    deleted: int = 0  # of those, deleted here: left deleted
 
 
 def import_runs(path: str, experiment: str | None = None,
@@ -206,13 +208,16 @@ def import_runs(path: str, experiment: str | None = None,
         raise ArchiveError(f"experiment {name!r} is deleted: restore it (`mlflow experiments restore "
                            f"--experiment-id {exp.experiment_id}`) or import with --experiment OTHER_NAME")
     exp_id = exp.experiment_id if exp is not None else store.experiment_id(name)
-    here = mlflow.search_runs(experiment_ids=[exp_id], output_format="list")
+    # Deleted runs too: a run deleted here (superseded, say) stays deleted when the export it
+    # came from, or one made before the deletion, is imported again.
+    here = mlflow.search_runs(experiment_ids=[exp_id], output_format="list", run_view_type=ViewType.ALL)
     # A run is already here when it was imported before, or when this store is the one it
     # was made in (a study exports its own store and imports the committed file back).
     done = {r.data.tags[IMPORTED_FROM]: r.info.run_id for r in here if r.data.tags.get(IMPORTED_FROM)}
     done.update({r.info.run_id: r.info.run_id for r in here})
+    deleted_here = {r.info.run_id for r in here if r.info.lifecycle_stage == "deleted"}
     new_ids = dict(done)
-    imported = skipped = 0
+    imported = skipped = deleted = 0
     for record in records:
         old = record["run_id"]
         # The original run: an export of imported runs keeps pointing at it.
@@ -220,6 +225,7 @@ def import_runs(path: str, experiment: str | None = None,
         if old in done or origin in done:
             new_ids[old] = done.get(old) or done[origin]
             skipped += 1
+            deleted += new_ids[old] in deleted_here
             continue
         tags = dict(record["tags"])
         if tags.get(PARENT):  # exports are in start order: a parent is always created first
@@ -232,4 +238,4 @@ def import_runs(path: str, experiment: str | None = None,
         new_ids[old] = new
         imported += 1
         echo(f"{record['run_name']}: {old[:8]} -> {new[:8]} ({record['status']})")
-    return ImportSummary(name, imported, skipped)
+    return ImportSummary(name, imported, skipped, deleted)

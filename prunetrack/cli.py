@@ -327,7 +327,9 @@ def import_cmd(file, experiment):
     except archive.ArchiveError as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"imported {plural(s.imported, 'run')} into experiment {s.experiment!r}"
-               + (f" ({s.skipped} imported before, skipped)" if s.skipped else ""))
+               + (f" ({s.skipped} imported before, skipped" if s.skipped else "")
+               + (f"; {s.deleted} of them deleted here, left deleted: `mlflow runs restore --run-id ID` brings "
+                  "one back" if s.deleted else "") + (")" if s.skipped else ""))
 
 
 def main(argv=None) -> None:

@@ -120,6 +120,30 @@ def test_failed_export_leaves_the_earlier_file_as_it_was(mlflow_store, tmp_path,
     assert not [name for name in os.listdir(tmp_path) if name.endswith(".part")]  # nothing left behind
 
 
+def test_a_run_deleted_here_stays_deleted_when_its_export_is_imported_again(mlflow_store, tmp_path):
+    """A study deletes a superseded run, then resumes by importing its committed export, made
+    before the deletion: the run must not come back (nor in a second copy)."""
+    client = MlflowClient()
+    exp = client.create_experiment("study")
+    ids = []
+    for name in ("old-cell", "cell"):
+        run = client.create_run(exp, run_name=name)
+        client.set_terminated(run.info.run_id, "FINISHED")
+        ids.append(run.info.run_id)
+    path = str(tmp_path / "runs.jsonl")
+    archive.export_runs("study", path)
+    client.delete_run(ids[0])
+    result = CliRunner().invoke(cli.cli, ["import", path])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip().endswith("imported 0 runs into experiment 'study' (2 imported before, skipped; 1 of "
+                                          "them deleted here, left deleted: `mlflow runs restore --run-id ID` brings "
+                                          "one back)")
+    assert [r.info.run_id for r in client.search_runs([exp])] == [ids[1]]
+    assert len(client.search_runs([exp], run_view_type=ViewType.ALL)) == 2
+    archive.export_runs("study", path)  # the export made now leaves it out
+    assert [json.loads(line)["run_id"] for line in open(path) if '"run_id"' in line] == [ids[1]]
+
+
 def test_importing_an_export_back_into_its_own_store_adds_nothing(mlflow_store, tmp_path, new_store):
     """A study exports its store and, next time, imports the committed file first: the runs
     already there (made there, or imported before) must not be duplicated, and an export of
