@@ -156,11 +156,30 @@ def test_cells_pruned_from_a_repeated_pretraining_are_marked_and_not_compared_as
     assert [r[2] for r in rows(text, 2)] == ["85.00", "84.00", "82.00 ¶"]
     assert [r[2] for r in rows(text, 4)][2] == "4.0 ¶"
     assert "¶" not in "".join(r[2] for r in rows(text, 3))
-    assert (f"<sub>¶ pruned from a repeat of the pre-training that the other cells of its pruner prune ({again.label}, "
-            f"with every setting of {first.label}; 1 run: resnet20-mag-20x-s0 (mag20s00)), trained again") in text
+    assert (f"<sub>¶ pruned from another pre-training than the other cells of its pruner ({again.label}, where the "
+            f"others prune {first.label}, with every setting alike; 1 run: resnet20-mag-20x-s0 (mag20s00)): the "
+            "pre-training was repeated") in text
     mag_line = next(line for line in findings.baseline_findings(s) if line.startswith("- Mag against"))
     at10, at20 = mag_line.split("10x 84.00% (-1.00, ")[1].split("20x 82.00% (-3.00, ")
     assert "pre-training" not in at10 and at20.startswith("below by more than noise, pruned from another pre-training than its 1x (¶));")
+    assert "the Magnitude runs of the repeat (marked ¶) prune other weights than those of the first" in \
+        "\n".join(findings.pretrain_text(s))
+    # Cells redone from the repeat, one after another: once most prune it, the first's are the marked ones.
+    runs[1].tags.update(late)
+    runs[2].tags.update(late)
+    s = study(runs, [first, again], compressions=[1, 10, 20])
+    text = "\n".join(tables.tables_section(s))
+    assert [r[2] for r in rows(text, 2)] == ["85.00", "84.00", "82.00"]
+    # A pre-training no cell prunes any more is left out: the section shows the one in use.
+    assert findings.pretrain_text(s)[0].startswith("Magnitude prunes the weights of one shared pre-training (run "
+                                                   f"{again.label};")
+    runs[2].tags["pretrain_run"] = first.id
+    s = study(runs, [first, again], compressions=[1, 10, 20])
+    text = "\n".join(tables.tables_section(s))
+    assert [r[2] for r in rows(text, 2)] == ["85.00", "84.00 ¶", "82.00"]
+    assert f"({first.label}, where the others prune {again.label}, with every setting alike; 1 run: " in text
+    assert ("the Magnitude runs of the first (marked ¶: fewer cells prune it) prune other weights than those of the "
+            "repeat") in "\n".join(findings.pretrain_text(s))
     # One pre-training for every cell: no mark, no note.
     s = study(runs[:3], [first], compressions=[1, 10, 20])
     assert "¶" not in "\n".join(tables.tables_section(s) + findings.baseline_findings(s))

@@ -501,10 +501,14 @@ def other_devices(a, b) -> str:
     return f"on different devices (`{devices[0]}` for {a.label}, `{devices[1]}` for {b.label})"
 
 
-def repeat_sentence(first: Pretrain, again: Pretrain) -> str:
+def repeat_sentence(first: Pretrain, again: Pretrain, marked: Pretrain | None = None) -> str:
     """Two pre-trainings of the same settings: the first imported from an export, which
     carries no weights, so the Magnitude runs made since trained it again to prune from.
-    The two sets of runs prune the same weights only if the two repeat each other."""
+    The two sets of runs prune the same weights only if the two repeat each other; where
+    they do not, the runs of `marked` (the one fewer runs prune: Study.minor_pretrains;
+    default the repeat) carry the mark."""
+    name, other = ("the first", "the repeat") if marked is first else ("the repeat", "the first")
+    minor = f"{name}, which fewer cells prune," if marked is first else name
     text = (f"Pre-trained twice: {again.label} has every setting of {first.label} (tag `pretrain_hash`), which "
             f"{'was imported from an export that carries no weights' if first.tags.get(IMPORTED_FROM) else 'finished before it'}"
             f", so the runs made since pre-trained again to have weights to prune. ")
@@ -512,7 +516,7 @@ def repeat_sentence(first: Pretrain, again: Pretrain) -> str:
     if None not in digests:
         return text + ("They hold the same weights, to the bit (tag `weights_sha256`), so the Magnitude runs of both "
                        "prune the same weights and compare like for like." if len(digests) == 1 else
-                       f"Their weights differ (tag `weights_sha256`): the Magnitude runs of the repeat are marked "
+                       f"Their weights differ (tag `weights_sha256`): the Magnitude runs of {minor} are marked "
                        f"{PRETRAINED_AGAIN}.")
     arithmetic = {r.setting("precision") for r in (first, again)}
     if len(arithmetic) > 1:  # `precision: auto` is in the hash; what it resolved to is the tag
@@ -529,13 +533,15 @@ def repeat_sentence(first: Pretrain, again: Pretrain) -> str:
                        "the Magnitude runs of both prune the same weights and compare like for like.")
     if all(v == 0 for _, v in gap.values()):
         return text + (f"Their curves are equal at the {epochs} epochs both logged, but one logged more epochs than "
-                       f"the other, so they may end with other weights: the Magnitude runs of the repeat are marked "
+                       f"the other, so they may end with other weights: the Magnitude runs of {minor} are marked "
                        f"{PRETRAINED_AGAIN}.")
     devices = other_devices(first, again)
-    return text + (f"They differ, {gap_words(gap)} over {plural(epochs, 'epoch')}"
-                   + (f", having trained {devices}, whose kernels need not round alike" if devices else "")
-                   + f": the Magnitude runs of the repeat (marked {PRETRAINED_AGAIN}) prune other weights than "
-                   "those of the first, so a difference between the two includes the change of pre-training.")
+    text += (f"They differ, {gap_words(gap)} over {plural(epochs, 'epoch')}"
+             + (f", having trained {devices}, whose kernels need not round alike" if devices else "") + ": ")
+    return text + (f"the Magnitude runs of {name} (marked {PRETRAINED_AGAIN}"
+                   + (": fewer cells prune it" if marked is first else "") + ") prune other "
+                   f"weights than those of {other}, so a difference between the two includes the change of "
+                   "pre-training.")
 
 
 def pretrain_text(s: Study) -> list[str]:
@@ -546,7 +552,9 @@ def pretrain_text(s: Study) -> list[str]:
     for pre in s.pretrains:
         out += [pretrain_sentence(pre, len(s.pretrains) == 1), ""]
         if pre.id in earlier:
-            out += [repeat_sentence(earlier[pre.id], pre), ""]
+            minor = {m.id for m, _ in s.minor_pretrains()}
+            marked = next((p for p in (earlier[pre.id], pre) if p.id in minor), None)
+            out += [repeat_sentence(earlier[pre.id], pre, marked), ""]
         out += [x for twin in s.twins(pre) if (line := twin_sentence(pre, twin)) for x in (line, "")]
     if s.pretrain_missing:
         ids = ", ".join(f"`{i}`" for i in s.pretrain_missing)

@@ -361,12 +361,27 @@ class Study:
         return [(pre, first[pre.key]) for pre in self.pretrains if first[pre.key] is not pre]
 
     def pretrained_again(self, runs: list[Run]) -> list[Run]:
-        """The runs among `runs` that prune a repeated pre-training (see repeats) which does
-        not repeat the first exactly (see same_training): they prune other weights than the
-        runs of the first do. An exact repeat holds the same weights, so its runs are not
-        marked (the Pre-training section says it repeated)."""
-        later = {u.id for repeat, _ in self.inexact_repeats() for u in repeat.users}
-        return [r for r in runs if r.id in later]
+        """The runs among `runs` that prune another version of a repeated pre-training (see
+        repeats) than the one most runs prune, where the two do not repeat each other
+        exactly (see same_training): they prune other weights than the rest. An exact repeat
+        holds the same weights, so its runs are not marked (the Pre-training section says it
+        repeated)."""
+        marked = {u.id for minor, _ in self.minor_pretrains() for u in minor.users}
+        return [r for r in runs if r.id in marked]
+
+    def minor_pretrains(self) -> list[tuple[Pretrain, Pretrain]]:
+        """(minor, main) for each version of a pre-training repeated not exactly that fewer
+        runs prune than `main`, the version the most runs prune (the first, on a tie): while
+        a study redoes the cells of a first pre-training from its repeat, the mark moves to
+        whichever cells are fewer."""
+        groups: dict[str, list[Pretrain]] = {}
+        for again, first in self.inexact_repeats():
+            groups.setdefault(first.key, [first]).append(again)
+        pairs = []
+        for group in groups.values():
+            main = max(group, key=lambda pre: len(pre.users))  # max keeps the first of equals
+            pairs += [(pre, main) for pre in group if pre is not main]
+        return pairs
 
     def inexact_repeats(self) -> list[tuple[Pretrain, Pretrain]]:
         """The (repeat, first) pairs of repeats() whose repeat is not exact (see same_training)."""

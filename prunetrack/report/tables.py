@@ -61,19 +61,19 @@ def precision_note(s: Study) -> tuple[str, str] | None:
 
 
 def pretrain_note(s: Study) -> tuple[str, str] | None:
-    """The footnote of the pilcrow: which cells prune a pre-training repeated, not exactly,
-    after the one the other cells of their pruner prune."""
+    """The footnote of the pilcrow: which cells prune another version of a repeated
+    pre-training than the other cells of their pruner."""
     again = s.pretrained_again(s.runs)
     if not again:
         return None
-    repeats = s.inexact_repeats()
-    firsts = list(dict.fromkeys(first.label for _, first in repeats))
+    pairs = s.minor_pretrains()
+    mains = list(dict.fromkeys(main.label for _, main in pairs))
     return PRETRAINED_AGAIN, (
-        f"{PRETRAINED_AGAIN} pruned from a repeat of the pre-training that the other cells of its pruner prune "
-        f"({join_words([pre.label for pre, _ in repeats])}, with every setting of {join_words(firsts)}; "
-        f"{plural(len(again), 'run')}: {names(again)}), trained again where the first one's weights were not at "
-        "hand (an export carries none). The two do not repeat each other exactly, so these cells prune other "
-        "weights; the Pre-training section says how far the two differ.")
+        f"{PRETRAINED_AGAIN} pruned from another pre-training than the other cells of its pruner "
+        f"({join_words([minor.label for minor, _ in pairs])}, where the others prune {join_words(mains)}, with every "
+        f"setting alike; {plural(len(again), 'run')}: {names(again)}): the pre-training was repeated where the first "
+        "one's weights were not at hand (an export carries none). The two do not repeat each other exactly, so "
+        "these cells prune other weights; the Pre-training section says how far the two differ.")
 
 
 def timing_setup(r) -> str:
